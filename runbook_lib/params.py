@@ -1,0 +1,167 @@
+"""Parameter checks.  Every notebook's parameters are typed in its `parameters`
+cell (`name: type = default  # help`, which papermill --help-notebook shows);
+`check()` validates them by name and type and returns every problem at once."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+
+# Names IPython / Jupyter put in a kernel's namespace; never parameters.
+_KERNEL_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+
+HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+# radosgw-admin uids: we allow what is safe in paths and URLs.
+UID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+# distribution's reference grammar for repository names (lowercase components).
+REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*)*$")
+TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+CHOICES = {
+    "method": ("packages", "ceph-deploy", "cephadm", "existing"),
+    "storage": ("swift", "s3", "filesystem"),
+    "runtime": ("docker", "systemd"),
+    "client": ("docker", "skopeo"),
+    "access": ("read", "write", "readwrite", "full"),
+}
+
+
+def host_problem(value) -> str | None:
+    if not isinstance(value, str) or not value:
+        return "must be an IP address or a host name"
+    if value == "local":
+        return None
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    if HOST_RE.match(value) and not value.replace(".", "").isdigit():
+        return None
+    return f"{value!r} is not an IP address or a host name"
+
+
+def as_list(value) -> list:
+    """'a,b' or ['a','b'] -> ['a','b'] (registry_host may be one host or several)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value or [])
+
+
+def image_problem(value: str) -> str | None:
+    name, _, tag = value.rpartition(":") if ":" in value.split("/")[-1] else (value, "", "")
+    if not REPO_RE.match(name or ""):
+        return (f"{value!r} is not a valid repository name (lowercase letters, digits and . _ - separators, "
+                "components split by /), e.g. prom/node-exporter:v0.16.0")
+    if tag and not TAG_RE.match(tag):
+        return f"tag {tag!r} in {value!r} is not valid (letters, digits, _ . -, at most 128)"
+    return None
+
+
+def _type_ok(value, annotation) -> bool:
+    if annotation in (None, "Any"):
+        return True
+    ann = annotation if isinstance(annotation, type) else None
+    if isinstance(annotation, str):
+        ann = {"str": str, "int": int, "bool": bool, "float": float, "list": list, "dict": dict}.get(annotation)
+        if ann is None:
+            return True
+    if ann is bool:
+        return isinstance(value, bool)
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ann is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ann is list:
+        return isinstance(value, (list, str))  # "a,b" accepted for lists
+    return isinstance(value, ann)
+
+
+def collect(namespace: dict) -> tuple[dict, list[str]]:
+    """(parameters, unknown names) from a kernel namespace after papermill injection.
+
+    Declared parameters are the annotated names of the parameters cell; any other
+    plain value in the namespace came from papermill's injected cell."""
+    annotations = namespace.get("__annotations__", {})
+    params = {k: namespace[k] for k in annotations if k in namespace}
+    unknown = []
+    for k, v in namespace.items():
+        if k.startswith("_") or k in annotations or k in _KERNEL_NAMES:
+            continue
+        if isinstance(v, (str, int, float, bool, list, dict, type(None))):
+            unknown.append(k)
+    return params, sorted(unknown)
+
+
+def check(params: dict, annotations: dict, unknown: list[str] = (), reach: bool = True) -> list[str]:
+    """Every problem with these parameters, as sentences naming the parameter."""
+    problems = [f"unknown parameter {k!r} (this notebook takes: {', '.join(sorted(annotations))})"
+                for k in unknown]
+    for name, value in params.items():
+        ann = annotations.get(name)
+        if not _type_ok(value, ann):
+            tname = getattr(ann, "__name__", ann)
+            problems.append(f"{name}: expected {tname}, got {type(value).__name__} {value!r}")
+            continue
+        p = _value_problem(name, value)
+        if p:
+            problems.append(f"{name}: {p}")
+    if not problems and reach:
+        problems += reachability(params)
+    return problems
+
+
+def _value_problem(name: str, value) -> str | None:
+    if name in CHOICES and value not in CHOICES[name]:
+        return f"{value!r} is not one of {', '.join(CHOICES[name])}"
+    if name.endswith("_host") or name == "registry_host":
+        hosts = as_list(value)
+        if not hosts:
+            return "needs at least one host"
+        for h in hosts:
+            p = host_problem(h)
+            if p:
+                return p
+    if name.endswith("_port"):
+        if not 1 <= value <= 65535:
+            return f"{value} is out of range (1-65535)"
+    if name == "uid" and not UID_RE.match(value):
+        return f"{value!r} is not a valid RGW user id (letters, digits, _ . -; must start with a letter or digit)"
+    if name == "swift_subuser":
+        uid, _, sub = value.partition(":")
+        if not sub or not UID_RE.match(uid) or not UID_RE.match(sub):
+            return f"{value!r} must look like UID:NAME, e.g. demo:swift"
+    if name in ("registry_user",) and not USER_RE.match(value):
+        return f"{value!r} is not a valid user name (no ':' or spaces)"
+    if name == "image":
+        return image_problem(value)
+    if name in ("ssh_key", "known_hosts", "ca_cert", "ca_key") and value:
+        path = os.path.expanduser(value)
+        if not os.path.exists(path):
+            return f"file {value!r} does not exist on the control node"
+    if name == "bcrypt_cost" and not 4 <= value <= 31:
+        return f"{value} is out of range (4-31; 5 is the document's, 10 a good balance)"
+    if name.endswith("_days") and value < 1:
+        return f"{value} must be at least 1"
+    return None
+
+
+def reachability(params: dict, timeout: float = 3.0) -> list[str]:
+    """Can we open TCP to each host's SSH port?  (A read: changes nothing.)"""
+    port = params.get("ssh_port", 22)
+    problems = []
+    for name, value in params.items():
+        if not name.endswith("_host"):
+            continue
+        for h in as_list(value):
+            if h == "local":
+                continue
+            try:
+                with socket.create_connection((h, port), timeout=timeout):
+                    pass
+            except OSError as e:
+                problems.append(f"{name}: cannot reach {h}:{port} over TCP ({e.strerror or e}); "
+                                "check the address and that sshd runs there")
+    return problems
