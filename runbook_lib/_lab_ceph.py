@@ -1,0 +1,131 @@
+"""A single-node Ceph (pacific, cephx on) inside one lab host: mon `a`, mgr `x`, memstore osd.0.
+
+Runs every daemon directly (no systemd), with the settings measured in LAB.md.  Keys are made
+here (the cephx key format) and the mgr key is put in the mon keyring at mkfs, so the only
+`ceph` CLI call before the health wait is `ceph osd new`.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import time
+import uuid
+
+from ._lab_proc import LabError, wait_for
+
+
+def gen_key() -> str:
+    """A cephx secret, as `ceph-authtool --gen-print-key` prints it."""
+    return base64.b64encode(struct.pack("<hiih", 1, int(time.time()), 0, 16) + os.urandom(16)).decode()
+
+
+def ceph_conf(fsid: str, addr: str, network: str) -> str:
+    return f"""\
+[global]
+fsid = {fsid}
+mon host = [v2:{addr}:3300,v1:{addr}:6789]
+public network = {network}
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
+auth allow insecure global id reclaim = false
+mon allow pool size one = true
+mon warn on pool no redundancy = false
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+osd crush chooseleaf type = 0
+osd objectstore = memstore
+osd fast shutdown = false
+# speed-ups (LAB.md: 13-19 s -> 4-6 s to HEALTH_OK)
+paxos propose interval = 0.1
+mgr stats period = 1
+mgr tick period = 1
+osd mon report interval = 1
+"""
+
+
+def _keyring(entries: dict[str, tuple[str, dict[str, str]]]) -> str:
+    out = []
+    for name, (key, caps) in entries.items():
+        out.append(f"[{name}]\n\tkey = {key}\n")
+        for k, v in caps.items():
+            out.append(f'\tcaps {k} = "{v}"\n')
+    return "".join(out)
+
+
+ADMIN_CAPS = {"mds": "allow *", "mgr": "allow *", "mon": "allow *", "osd": "allow *"}
+MGR_CAPS = {"mds": "allow *", "mon": "allow profile mgr", "osd": "allow *"}
+
+
+def start(hx, root, addr: str, network: str, log=print):
+    """Create and start the cluster.  hx(argv, **kw) runs in the host; root(path) -> path seen from here."""
+    fsid = str(uuid.uuid4())
+    osd_uuid = str(uuid.uuid4())
+    admin_key, mon_key, mgr_key, osd_key = gen_key(), gen_key(), gen_key(), gen_key()
+
+    for d in ("/var/lib/ceph/tmp", "/var/lib/ceph/mon/ceph-a", "/var/lib/ceph/mgr/ceph-x",
+              "/var/lib/ceph/osd/ceph-0", "/var/log/ceph", "/run/ceph"):
+        os.makedirs(root(d), exist_ok=True)
+
+    def write(path, text, mode=0o644):
+        with open(root(path), "w") as f:
+            f.write(text)
+        os.chmod(root(path), mode)
+
+    write("/etc/ceph/ceph.conf", ceph_conf(fsid, addr, network))
+    write("/etc/ceph/ceph.client.admin.keyring", _keyring({"client.admin": (admin_key, ADMIN_CAPS)}), 0o600)
+    write("/var/lib/ceph/tmp/mon.keyring", _keyring({
+        "mon.": (mon_key, {"mon": "allow *"}),
+        "client.admin": (admin_key, ADMIN_CAPS),
+        "mgr.x": (mgr_key, MGR_CAPS),
+    }), 0o600)
+    write("/var/lib/ceph/mgr/ceph-x/keyring", _keyring({"mgr.x": (mgr_key, {})}), 0o600)
+    write("/var/lib/ceph/osd/ceph-0/keyring", _keyring({"osd.0": (osd_key, {})}), 0o600)
+
+    hx(["monmaptool", "--create", "--enable-all-features", "--fsid", fsid,
+        "--addv", "a", f"[v2:{addr}:3300,v1:{addr}:6789]", "/var/lib/ceph/tmp/monmap"])
+    hx(["ceph-mon", "--mkfs", "-i", "a", "--monmap", "/var/lib/ceph/tmp/monmap",
+        "--keyring", "/var/lib/ceph/tmp/mon.keyring"])
+    hx(["ceph-mon", "-i", "a"])          # daemonizes
+    log("  mon.a started")
+    hx(["ceph-mgr", "-i", "x"])          # daemonizes; its key is already in the mon's auth db
+    log("  mgr.x started")
+    out = hx(["ceph", "--connect-timeout", "30", "osd", "new", osd_uuid, "-i", "-"],
+             input=json.dumps({"cephx_secret": osd_key})).stdout.strip()
+    if out != "0":
+        raise LabError(f"ceph osd new returned id {out!r}, expected 0 (stale cluster?)")
+    hx(["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid])
+    hx(["ceph-osd", "-i", "0"])          # daemonizes
+    log("  osd.0 started")
+    return fsid
+
+
+def ready(hx) -> dict | None:
+    """The cluster's status when it is HEALTH_OK with the osd up+in, a mgr and all PGs clean."""
+    cp = hx(["ceph", "--connect-timeout", "5", "status", "--format", "json"], check=False, timeout=20)
+    if cp.returncode != 0:
+        return None
+    s = json.loads(cp.stdout)
+    osdmap = s.get("osdmap", {})
+    osdmap = osdmap.get("osdmap", osdmap)  # pre-pacific nesting
+    pgmap = s.get("pgmap", {})
+    states = pgmap.get("pgs_by_state", [])
+    clean = sum(x["count"] for x in states if x["state_name"] == "active+clean")
+    ok = (s.get("health", {}).get("status") == "HEALTH_OK"
+          and osdmap.get("num_up_osds") == 1 and osdmap.get("num_in_osds") == 1
+          and s.get("mgrmap", {}).get("available")
+          and pgmap.get("num_pgs", 0) > 0 and clean == pgmap.get("num_pgs"))
+    return s if ok else None
+
+
+def wait_healthy(hx, timeout: float = 90.0):
+    def detail():
+        cp = hx(["ceph", "--connect-timeout", "5", "-s"], check=False, timeout=20)
+        return "ceph -s:\n" + (cp.stdout or cp.stderr)
+    return wait_for(lambda: ready(hx), timeout, "Ceph HEALTH_OK (osd up, mgr active, PGs active+clean)",
+                    interval=0.3, detail=detail)

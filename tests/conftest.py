@@ -1,0 +1,77 @@
+"""Shared fixtures: the real lab, and running a notebook with papermill the way users do."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+LAB_PARAMS = yaml.safe_load((ROOT / "params" / "lab.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """The local lab, up (idempotent: a running lab is left as it is)."""
+    from runbook_lib import lab as _lab
+    _lab.up()
+    return _lab
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory):
+    """One control-node state dir for the whole test session (secrets 0600, CA)."""
+    d = tmp_path_factory.mktemp("state")
+    os.environ["RUNBOOK_STATE_DIR"] = str(d)
+    return d
+
+
+@pytest.fixture
+def run_notebook(tmp_path, state_dir):
+    """run_notebook("01-rgw", **params) -> (notebook dict, output path, error or None).
+
+    Runs through papermill with the runbook engine (as `make demo` does); the
+    lab's parameters are the notebooks' defaults, so only differences are passed."""
+    import papermill as pm
+
+    def run(name: str, expect_error: bool = False, **params):
+        out = tmp_path / f"{name}.out.ipynb"
+        err = None
+        try:
+            pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params,
+                                engine_name=_engine(), cwd=str(NOTEBOOKS), progress_bar=False,
+                                kernel_name="python3")
+        except Exception as e:  # papermill raises PapermillExecutionError on a failed cell
+            err = e
+            if not expect_error:
+                raise
+        nb = json.loads(out.read_text())
+        if expect_error and err is None:
+            pytest.fail(f"{name} was expected to fail but succeeded")
+        return nb, out, err
+    return run
+
+
+def _engine():
+    try:
+        from runbook_lib import engine  # noqa: F401
+        return "runbook"
+    except ImportError:
+        return None
+
+
+def outputs_text(nb: dict) -> str:
+    """All text a reader of the executed notebook sees (outputs), joined."""
+    parts = []
+    for c in nb["cells"]:
+        for o in c.get("outputs", []):
+            if "text" in o:
+                parts.append("".join(o["text"]) if isinstance(o["text"], list) else o["text"])
+            for v in (o.get("data") or {}).values():
+                parts.append("".join(v) if isinstance(v, list) else str(v))
+            if o.get("output_type") == "error":
+                parts.append(o.get("ename", "") + ": " + o.get("evalue", ""))
+    return "\n".join(parts)
