@@ -135,7 +135,7 @@ def _value_problem(name: str, value) -> str | None:
             return f"{value!r} must look like UID:NAME, e.g. demo:swift"
     if name in ("registry_user",) and not USER_RE.match(value):
         return f"{value!r} is not a valid user name (no ':' or spaces)"
-    if name == "image":
+    if name in ("image", "image_name"):
         return image_problem(value)
     if name in ("ssh_key", "known_hosts", "ca_cert", "ca_key") and value:
         path = os.path.expanduser(value)
