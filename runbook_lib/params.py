@@ -19,6 +19,8 @@ USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*)*$")
 TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+# Host parameters where "" means a default (e.g. ceph_admin_host: "" = rgw_host).
+OPTIONAL_HOSTS = {"ceph_admin_host"}
 CHOICES = {
     "method": ("packages", "ceph-deploy", "cephadm", "existing"),
     "storage": ("swift", "s3", "filesystem"),
@@ -116,6 +118,10 @@ def check(params: dict, annotations: dict, unknown: list[str] = (), reach: bool 
 def _value_problem(name: str, value) -> str | None:
     if name in CHOICES and value not in CHOICES[name]:
         return f"{value!r} is not one of {', '.join(CHOICES[name])}"
+    if name in OPTIONAL_HOSTS and value == "":
+        return None
+    if name == "rgw_name" and value and not UID_RE.match(value):
+        return f"{value!r} is not a valid RGW daemon name (letters, digits, _ . -), e.g. rgw.ceph1 or gw1"
     if name.endswith("_host") or name == "registry_host":
         hosts = as_list(value)
         if not hosts:
