@@ -56,14 +56,13 @@ def parse_user_info(text: str) -> dict:
 
 
 def register_secrets(info: dict) -> dict:
-    """Register every key of a parsed user for masking; returns info."""
-    for _, access, secret in info["s3_keys"]:
-        for v in (access, secret):
-            if v:
-                masking.register(v)
-    for _, secret in info["swift_keys"]:
-        if secret:
-            masking.register(secret)
+    """Register every key of a parsed user for masking; returns info.
+    radosgw-admin's JSON writes / as \\/: that form is registered too."""
+    values = [v for _, a, s in info["s3_keys"] for v in (a, s)] + [s for _, s in info["swift_keys"]]
+    for v in filter(None, values):
+        masking.register(v)
+        if "/" in v:
+            masking.register(v.replace("/", "\\/"))
     return info
 
 
@@ -341,12 +340,21 @@ def _s3_code(text: str) -> str:
     return m.group(1) if m else ""
 
 
-def check(ctx):
-    """The section's outcome: the account authenticates over Swift (and S3)."""
+def check(ctx) -> None:
+    """The section's outcome: the account authenticates over Swift (and S3).
+    Prints the verdict (raises CheckFailed when it does not hold)."""
     uid, sub = ctx.params["uid"], _subuser(ctx)
     addr = f"{ctx.params['rgw_host']}:{ctx.params.get('rgw_port', 7480)}"
     if ctx.dry_run and user_info(ctx) is None:
-        return ctx.verdict(True, f"nothing created (dry run); {uid} would authenticate on {addr}")
-    res = _probe(ctx).value
+        ctx.verdict(True, f"nothing created (dry run); {uid} would authenticate on {addr}")
+        return
+    try:
+        res = _probe(ctx).value
+    except CheckFailed as e:
+        ctx.verdict(False, e.what, hint=e.hint)
+        return
     how = f"Swift ({sub})" + (" and S3" if res.get("s3") else "")
-    return ctx.verdict(True, f"{uid} authenticates over {how} on {addr}", uid=uid, swift_auth=endpoint(ctx) + "/auth/v1")
+    facts = {"swift_auth_v1": f"204, X-Storage-Url {res['swift']}, X-Auth-Token ****"}
+    if res.get("s3"):
+        facts["s3"] = f"bucket {CHECK_BUCKET} created, listed, deleted (SigV4)"
+    ctx.verdict(True, f"{uid} authenticates over {how} on {addr}", **facts)

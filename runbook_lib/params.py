@@ -18,7 +18,10 @@ USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 # distribution's reference grammar for repository names (lowercase components).
 REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*)*$")
 TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+# str parameters that also take a YAML list (one host or several).
+LIST_OK = {"registry_host"}
 # Host parameters where "" means a default (e.g. ceph_admin_host: "" = rgw_host).
 OPTIONAL_HOSTS = {"ceph_admin_host"}
 CHOICES = {
@@ -103,7 +106,8 @@ def check(params: dict, annotations: dict, unknown: list[str] = (), reach: bool 
                 for k in unknown]
     for name, value in params.items():
         ann = annotations.get(name)
-        if not _type_ok(value, ann):
+        if not _type_ok(value, ann) and not (name in LIST_OK and isinstance(value, list)
+                                               and all(isinstance(v, str) for v in value)):
             tname = getattr(ann, "__name__", ann)
             problems.append(f"{name}: expected {tname}, got {type(value).__name__} {value!r}")
             continue
@@ -115,7 +119,40 @@ def check(params: dict, annotations: dict, unknown: list[str] = (), reach: bool 
     return problems
 
 
+def _ops_problem(name: str, value) -> str | None:
+    """06-operations' own parameters (repository may be a pattern like opstest/*)."""
+    if name == "repository":
+        plain = re.sub(r"[*?]", "x", value)
+        if not REPO_RE.match(plain):
+            return (f"{value!r} is not a repository name (lowercase, components split by /; * and ? allowed "
+                    "as a pattern), e.g. prom/node-exporter")
+    if name in ("tag", "delete_tag") and value:
+        if ":" in value or value.startswith("sha256"):
+            if not DIGEST_RE.match(value):
+                return f"{value!r} is not a valid digest (sha256: followed by 64 lowercase hex digits)"
+        elif not TAG_RE.match(value):
+            return f"{value!r} is not a valid tag (letters, digits, _ . -, at most 128)"
+    if name == "tag" and not value:
+        return "must name a tag (or a sha256: digest)"
+    if name == "delete_layer" and value and not DIGEST_RE.match(value):
+        return f"{value!r} is not a valid layer digest (sha256: followed by 64 lowercase hex digits)"
+    if name == "page_size" and not 1 <= value <= 1000:
+        return f"{value} is out of range (1-1000: the registry answers 400 PAGINATION_NUMBER_INVALID above 1000)"
+    if name == "keep_last" and value < 0:
+        return f"{value} must be 0 (retention off) or more"
+    if name == "tag_filter" and value:
+        try:
+            re.compile(value)
+        except re.error as e:
+            return f"{value!r} is not a valid regular expression ({e})"
+    return None
+
+
 def _value_problem(name: str, value) -> str | None:
+    if name in ("repository", "tag", "delete_tag", "delete_layer", "page_size", "keep_last", "tag_filter"):
+        p = _ops_problem(name, value)
+        if p:
+            return p
     if name in CHOICES and value not in CHOICES[name]:
         return f"{value!r} is not one of {', '.join(CHOICES[name])}"
     if name in OPTIONAL_HOSTS and value == "":
@@ -143,7 +180,22 @@ def _value_problem(name: str, value) -> str | None:
         return f"{value!r} is not a valid user name (no ':' or spaces)"
     if name in ("image", "image_name"):
         return image_problem(value)
-    if name in ("ssh_key", "known_hosts", "ca_cert", "ca_key") and value:
+    if name in ("htpasswd_users", "remove_users"):
+        for u in as_list(value):
+            if not USER_RE.match(u):
+                return f"{u!r} is not a valid user name (no ':' or spaces)"
+    if name == "cert_sans":
+        for v in as_list(value):
+            p = host_problem(v)
+            if p or v == "local":
+                return p or "'local' is not a certificate name"
+    if name == "registry_version" and value not in (2, 3):
+        return f"{value} is not 2 or 3"
+    if name == "remote_dir" and not (value.startswith("/") and value.strip("/")):
+        return f"{value!r} must be an absolute directory other than / (it holds auth/htpasswd, certs/, config.yml)"
+    if name == "container" and not BUCKET_RE.match(value):
+        return f"{value!r} is not a valid bucket/container name (3-63 lowercase letters, digits, '-', '.')"
+    if name in ("ssh_key", "known_hosts", "ca_cert", "ca_key", "server_cert", "server_key") and value:
         path = os.path.expanduser(value)
         if not os.path.exists(path):
             return f"file {value!r} does not exist on the control node"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 import time
 
-from . import masking, steps
-from .errors import CheckFailed, CommandFailed, RunbookError
+from . import masking
+from .errors import RunbookError
 from .host import Command, cmd
 from .journal import Result, record
 from .steps import fact, note, row, step
@@ -204,7 +204,7 @@ def answers(url: str, timeout: float = 3) -> tuple[bool, str]:
     except requests.RequestException as e:
         return False, f"no answer ({type(e).__name__})"
     ok = r.status_code == 200 and "ListAllMyBucketsResult" in r.text
-    return ok, f"HTTP {r.status_code}, {r.headers.get('Server', '?')}, {len(r.content)} bytes"
+    return ok, f"HTTP {r.status_code}" + (", S3 ListAllMyBucketsResult" if ok else f", {len(r.content)} bytes")
 
 
 # -- steps --------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def preflight(ctx):
     r = h.run(Command("timeout 20 ceph -s --connect-timeout 15"), read=True, check=False)
     if r.exit_code != 0:
         raise RGWError(f"no Ceph admin keyring on {rgw_host}: `ceph -s` failed (exit {r.exit_code}): "
-                       f"{(r.stderr or r.stdout).strip()[-300:]}",
+                       f"{(r.stderr or r.stdout).strip()[-300:]}; nothing was changed",
                        hint="rgw_host must be a Ceph node with /etc/ceph/ceph.conf and the client.admin keyring "
                             "(ceph-deploy admin HOST copies them), or point rgw_host at one")
     health = re.search(r"health:\s*(\S+)", r.stdout)
@@ -359,8 +359,11 @@ def _pid(h, pidfile: str) -> int | None:
 
 
 def _newer_than_process(h, pid: int, files: list[str]) -> bool:
-    r = h.run(cmd("stat -c %Y {files} /proc/{pid} 2>/dev/null", files=files, pid=pid), read=True, check=False)
-    t = [int(x) for x in r.stdout.split() if x.isdigit()]
+    """Was any of files modified after the process started?  (ps etimes, not /proc/PID's
+    mtime: procfs inodes are re-created later.)"""
+    r = h.run(cmd("stat -c %Y {files} 2>/dev/null; echo $(( $(date +%s) - $(ps -o etimes= -p {pid}) ))",
+                  files=files, pid=pid), read=True, check=False)
+    t = [int(x) for x in r.stdout.split() if x.lstrip("-").isdigit()]
     return len(t) >= 2 and max(t[:-1]) > t[-1]
 
 
@@ -393,14 +396,16 @@ def start(ctx, timeout: float = 60):
     st = _state(ctx)
     if o["method"] in ("ceph-deploy", "cephadm"):
         a = ctx.host(o["admin"])
-        for c in deploy_commands(o["method"], st["hostname"] if o["method"] == "cephadm" else rgw_host, did,
-                                 o["port"]):
+        # cephadm places daemons on hosts by the name the orchestrator knows them by.
+        target = st["hostname"] if o["method"] == "cephadm" else rgw_host
+        commands = deploy_commands(o["method"], target, did, o["port"])
+        for c in commands:
             row(host=o["admin"], command=str(c))
+        note(f"{o['method']} on {o['admin']}: " + " ; ".join(commands))
         if answers(url)[0]:
-            fact("RGW", f"already answers on {url}")
+            fact("RGW", f"already answers on {url}: nothing to run")
             return url
-        for c in deploy_commands(o["method"], st["hostname"] if o["method"] == "cephadm" else rgw_host, did,
-                                 o["port"]):
+        for c in commands:
             a.run(c, timeout=600)
     else:
         h = ctx.host(rgw_host)
@@ -408,6 +413,9 @@ def start(ctx, timeout: float = 60):
         if st.get("systemd", h.has_systemd()):
             enabled = h.test(cmd("systemctl is-enabled --quiet {u}", u=p["unit"]))
             active = h.test(cmd("systemctl is-active --quiet {u}", u=p["unit"]))
+            if active and not restart:
+                main = h.run(cmd("systemctl show -p MainPID --value {u}", u=p["unit"]), read=True).stdout.strip()
+                restart = main.isdigit() and int(main) > 0 and _newer_than_process(h, int(main), [CONF, p["keyring"]])
             if not (enabled and active):
                 h.run(cmd("systemctl enable --now {u}", u=p["unit"]))
             elif restart:
@@ -449,21 +457,24 @@ def _probe(ctx):
     return ok, has_pools, seen
 
 
-def check(ctx):
-    """The section's outcome: RGW answers S3 anonymously and its pools exist."""
+def check(ctx) -> None:
+    """The section's outcome: RGW answers S3 anonymously and its pools exist.
+    Prints the verdict (raises CheckFailed when it does not hold)."""
     o = _opts(ctx)
     addr = f"{ctx.params['rgw_host']}:{o['port']}"
     try:
         ok, has_pools, seen = _probe(ctx).value
-    except RunbookError as e:
-        if ctx.dry_run:
-            return ctx.verdict(True, f"nothing deployed (dry run); RGW would answer on {addr}")
-        raise
+    except RunbookError:
+        if not ctx.dry_run:
+            raise
+        ok = has_pools = False
     if ctx.dry_run and not (ok and has_pools):
-        return ctx.verdict(True, f"nothing deployed (dry run); RGW would answer on {addr}")
-    if not ok:
-        return ctx.verdict(False, f"RGW does not answer on {addr} ({seen})",
-                           hint="run the start step again; see the log file on rgw_host")
-    if not has_pools:
-        return ctx.verdict(False, f"RGW answers on {addr} but its pools (.rgw.root, default.rgw.*) are missing")
-    return ctx.verdict(True, f"RGW answers on {addr}", endpoint=endpoint(ctx), method=o["method"])
+        ctx.verdict(True, f"nothing deployed (dry run); RGW would answer on {addr}")
+    elif not ok:
+        ctx.verdict(False, f"RGW does not answer on {addr} ({seen})",
+                    hint="run the start step again; see the log file on rgw_host")
+    elif not has_pools:
+        ctx.verdict(False, f"RGW answers on {addr} but its pools (.rgw.root, default.rgw.*) are missing")
+    else:
+        ctx.verdict(True, f"RGW answers on {addr}", endpoint=endpoint(ctx), method=o["method"],
+                    anonymous_get=seen, pools=".rgw.root and default.rgw.* present")
