@@ -193,7 +193,7 @@ def _value_problem(name: str, value) -> str | None:
         return f"{value} is not 2 or 3"
     if name == "remote_dir" and not (value.startswith("/") and value.strip("/")):
         return f"{value!r} must be an absolute directory other than / (it holds auth/htpasswd, certs/, config.yml)"
-    if name == "container" and not BUCKET_RE.match(value):
+    if name in ("container", "probe_container") and not BUCKET_RE.match(value):
         return f"{value!r} is not a valid bucket/container name (3-63 lowercase letters, digits, '-', '.')"
     if name in ("ssh_key", "known_hosts", "ca_cert", "ca_key", "server_cert", "server_key") and value:
         path = os.path.expanduser(value)

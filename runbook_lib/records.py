@@ -4,6 +4,7 @@
         <section>.ipynb, <section>.html   executed notebooks (secrets scrubbed) and their offline HTML
         <section>.verdict.json            written by ctx.verdict() in each section's kernel
         journal.jsonl                     every command on every host (masked), from the kernels
+        <section>.kernel.log              the section kernel's own stderr (deploy runs; scrubbed)
         run.json                          parameters (masked), who/where, times, verdicts, commands, versions
     runs/index.md                         one line per run, newest first
     runs/latest -> <newest run folder>
@@ -53,8 +54,10 @@ def runs_dir(prefer_repo: bool = False) -> pathlib.Path:
     if prefer_repo and (REPO / "notebooks").is_dir():
         return REPO / "runs"
     pwd = os.environ.get("PWD")
-    base = pwd if pwd and os.path.isdir(pwd) else os.getcwd()
-    return pathlib.Path(base).resolve() / "runs"
+    base = pathlib.Path(pwd if pwd and os.path.isdir(pwd) else os.getcwd()).resolve()
+    if base == REPO / "notebooks":  # running from notebooks/: the repo's runs/, not notebooks/runs
+        base = REPO
+    return base / "runs"
 
 
 def _write_json(path: pathlib.Path, data) -> None:
@@ -194,7 +197,8 @@ class Run:
         fields["commands"] = [{k: e.get(k) for k in ("time", "host", "kind", "command", "exit_code", "duration",
                                                      "changed", "read", "skipped", "step")}
                               | {"ok": e.get("skipped") or e.get("exit_code") == 0} for e in entries]
-        fields["changed"] = any(e.get("changed") and not e.get("read") for e in entries)
+        fields["changed"] = any(e.get("changed") and not e.get("read") and not e.get("skipped") for e in entries)
+        fields["would_change"] = any(e.get("changed") and e.get("skipped") for e in entries)
         data = self.update(**fields)
         data["outcome"] = outcome(data, verdicts, bool(params.get("dry_run")))
         data = self.update(outcome=data["outcome"])
@@ -255,7 +259,8 @@ def write_index(runs) -> pathlib.Path:
              "`latest` points at the newest run folder; each folder's `run.json` has the details.", "",
              "| time (UTC) | name | outcome | changed | folder |", "|---|---|---|---|---|"]
     for r in list_runs(runs):
-        changed = "" if r.get("outcome") == RUNNING else ("yes" if r.get("changed") else "no")
+        changed = ("" if r.get("outcome") == RUNNING else "yes" if r.get("changed")
+                   else "would" if r.get("would_change") else "no")
         lines.append(f"| {r.get('started', '')} | {r.get('name', '')} | {r.get('outcome', '?')} | {changed} "
                      f"| [{r['folder']}]({r['folder']}/) |")
     path = runs / "index.md"

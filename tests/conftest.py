@@ -21,6 +21,14 @@ def lab():
     return _lab
 
 
+@pytest.fixture(scope="session", autouse=True)
+def runs_dir(tmp_path_factory):
+    """Run folders made during tests go to a temp dir, not the repository's runs/."""
+    if not os.environ.get("RUNBOOK_RUNS_DIR"):
+        os.environ["RUNBOOK_RUNS_DIR"] = str(tmp_path_factory.mktemp("runs"))
+    return pathlib.Path(os.environ["RUNBOOK_RUNS_DIR"])
+
+
 @pytest.fixture(scope="session")
 def state_dir(tmp_path_factory):
     """One control-node state dir for the whole test session (secrets 0600, CA)."""

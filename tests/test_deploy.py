@@ -1,0 +1,258 @@
+"""deploy.ipynb: typed parameters, validation through papermill, and (with the lab)
+sections 1-5 end to end, a clean re-run, and a dry run that changes nothing."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import nbformat
+import pytest
+import yaml
+
+from runbook_lib import deploy
+
+from conftest import outputs_text
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+DEPLOY = NOTEBOOKS / "deploy.ipynb"
+LAB = ROOT / "params" / "lab.yaml"
+SECTIONS = [p.stem for p in deploy.sections()]
+
+
+def papermill(*args, env=None, timeout=900):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "papermill", "--no-progress-bar", *map(str, args)],
+                          capture_output=True, text=True, env=e, timeout=timeout)
+
+
+def test_help_notebook_lists_typed_parameters():
+    r = papermill("--help-notebook", DEPLOY)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for name, typ in [("rgw_host", "str"), ("rgw_port", "int"), ("registry_host", "str"), ("registry_port", "int"),
+                      ("registry_user", "str"), ("uid", "str"), ("ssh_user", "str"), ("ssh_port", "int"),
+                      ("ssh_key", "str"), ("known_hosts", "str"), ("dry_run", "bool"), ("state_dir", "str"),
+                      ("storage", "str"), ("runtime", "str"), ("client", "str"), ("image_name", "str")]:
+        assert re.search(rf"^\s+{name}: {typ} \(default ", out, re.M), (name, out)
+    assert "Unknown type" not in out and "Unable to parse" not in r.stderr
+    assert "RGW's HTTP port" in out and "comma separated" in out  # help texts
+
+
+def test_defaults_are_the_lab():
+    import papermill as pm
+    declared = pm.inspect_notebook(str(DEPLOY))
+    lab = yaml.safe_load(LAB.read_text())
+    for k, v in lab.items():
+        assert declared[k]["default"].strip('"') == str(v), k
+    assert declared["image_name"]["default"] == '"prom/node-exporter:v0.16.0"'
+    assert declared["storage"]["default"] == '"swift"' and declared["rgw_port"]["default"] == "7480"
+
+
+@pytest.mark.parametrize("notebook", ["deploy"] + SECTIONS[:1])
+@pytest.mark.parametrize("args, named", [
+    (["-p", "bogus", "1"], "unknown parameter 'bogus'"),
+    (["-p", "rgw_port", "abc"], "rgw_port: expected int"),
+    (["-p", "registry_port", "70000"], "registry_port: 70000 is out of range"),
+])
+def test_bad_parameter_stops_at_validation(tmp_path, notebook, args, named):
+    out = tmp_path / "out.ipynb"
+    runs = tmp_path / "runs"
+    r = papermill("--engine", "runbook", NOTEBOOKS / f"{notebook}.ipynb", out, "-f", LAB, *args,
+                  env={"RUNBOOK_RUNS_DIR": str(runs)})
+    assert r.returncode != 0
+    assert "ParameterError" in r.stderr and named in r.stderr, r.stderr[-2000:]
+    nb = nbformat.read(str(out), as_version=4)
+    failed = [c for c in nb.cells if c.get("metadata", {}).get("papermill", {}).get("exception")]
+    assert len(failed) == 1 and "rb.begin(" in failed[0].source  # the validation cell, nothing after it
+    run = (runs / "latest").resolve()
+    # nothing ran: no section notebook, no command on any host
+    assert not [p for p in run.glob("0*.ipynb") if p.stem != notebook]
+    assert json.loads((run / "run.json").read_text())["outcome"] == "FAIL"
+    assert not [c for c in json.loads((run / "run.json").read_text())["commands"]
+                if c["host"] != "local" and not c["read"]]
+
+
+def test_section_params_only_declared():
+    params = yaml.safe_load(LAB.read_text()) | {"dry_run": True, "state_dir": "", "storage": "swift",
+                                                 "runtime": "docker", "client": "docker",
+                                                 "image_name": "prom/node-exporter:v0.16.0",
+                                                 "registry_host": ["198.18.0.3", "198.18.0.4"]}
+    for nb in deploy.sections():
+        declared = deploy.declared_params(nb)
+        got = deploy.section_params(nb, params)
+        assert set(got) <= set(declared), nb
+        assert got["dry_run"] is True and got["registry_host"] == "198.18.0.3,198.18.0.4"
+        for common in ("rgw_host", "ssh_key", "known_hosts", "state_dir"):
+            assert common in got, (nb.name, common)  # every section declares the common set
+
+
+# -- with the lab ------------------------------------------------------------------------------------
+def _deploy(tmp_path, *args, name="out"):
+    out = tmp_path / f"{name}.ipynb"
+    r = papermill("--engine", "runbook", DEPLOY, out, "-f", LAB, *args, timeout=1800)
+    runs = pathlib.Path(os.environ["RUNBOOK_RUNS_DIR"])
+    m = re.search(r"run folder: (\S+)", outputs_text(json.loads(out.read_text()))) if out.exists() else None
+    run = pathlib.Path(m.group(1)) if m else None
+    return r, out, run, runs
+
+
+def _need_sections():
+    missing = [s for s in ("01-rgw", "02-accounts", "03-certs", "04-registry") if s not in SECTIONS]
+    if missing:
+        pytest.skip(f"sections not written yet: {', '.join(missing)}")
+
+
+@pytest.mark.lab
+def test_deploy_end_to_end_then_no_change(lab, state_dir, tmp_path):
+    _need_sections()
+    r, out, run, runs = _deploy(tmp_path, name="first")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run and run.is_dir()
+    data = json.loads((run / "run.json").read_text())
+    assert data["outcome"] == "PASS", data.get("error")
+    for s in SECTIONS:
+        assert (run / f"{s}.ipynb").exists() and (run / f"{s}.html").exists(), s
+        assert f"VERDICT {s}: PASS" in (run / f"{s}.html").read_text()
+    assert [v["section"] for v in data["sections"] if v["section"] != "deploy"] == SECTIONS
+    assert data["tool_versions"]["ceph"].startswith("ceph version")
+    text = out.read_text()
+    assert "VERDICT deploy: PASS" in text and str(run) in text
+    rgw_keys = _rgw_secrets(yaml.safe_load(LAB.read_text()))
+    assert rgw_keys  # 02-accounts made the Swift and S3 keys
+    _assert_no_secrets([run, out], rgw_keys)
+
+    # a second run: every section reports no change
+    r2, out2, run2, _ = _deploy(tmp_path, name="second")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    d2 = json.loads((run2 / "run.json").read_text())
+    assert d2["outcome"] == "PASS"
+    changed = {s["section"]: s["counts"] for s in d2["sections"] if s["changed"]}
+    assert not changed, changed
+    assert d2["changed"] is False, [c for c in d2["commands"] if c["changed"] and not c["read"]]
+    assert "no change" in out2.read_text()
+
+
+# The host's own long-running processes: the lab shares one PID namespace, so select those
+# in this host's network namespace, without the probe's own shell.
+PROCS = ("me=$(readlink /proc/self/ns/net); for p in /proc/[0-9]*; do "
+         "[ \"$(readlink $p/ns/net 2>/dev/null)\" = \"$me\" ] && echo \"${p#/proc/} $(cat $p/comm 2>/dev/null)\"; "
+         "done | grep -vwE 'sshd|bash|sh|readlink|cat|grep|sort' | sort -n")
+
+
+BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+PEM_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----(?:\\n|\s)+[A-Za-z0-9+/]{40}")
+
+
+def _rgw_secrets(lab_params, uid="demo") -> set:
+    """The user's Swift and S3 secret keys, read from RGW (they are not kept on the control node)."""
+    from runbook_lib.host import SSHHost, cmd
+    h = SSHHost(lab_params["rgw_host"], user=lab_params["ssh_user"], port=lab_params["ssh_port"],
+                key_filename=lab_params["ssh_key"], known_hosts=lab_params["known_hosts"])
+    try:
+        r = h.run(cmd("radosgw-admin user info --uid={u}", u=uid), read=True, check=False, no_log=True)
+    finally:
+        h.close()
+    if r.exit_code != 0:
+        return set()
+    info = json.loads(r.stdout)
+    return {k["secret_key"] for k in info.get("keys", []) + info.get("swift_keys", []) if k.get("secret_key")}
+
+
+def _assert_no_secrets(paths, extra=()):
+    """No secret the run knows (state dir's secrets, $REGISTRY_PASSWORD, RGW keys), no bcrypt hash
+    and no private key anywhere in the records."""
+    sd = pathlib.Path(os.environ["RUNBOOK_STATE_DIR"])
+    secrets = {p.read_text().strip() for p in (sd / "secrets").rglob("*") if p.is_file()} \
+        if (sd / "secrets").is_dir() else set()
+    if os.environ.get("REGISTRY_PASSWORD"):
+        secrets.add(os.environ["REGISTRY_PASSWORD"])
+    secrets = {s for s in secrets | set(extra) if len(s) >= 4}
+    files = [f for p in paths for f in (pathlib.Path(p).rglob("*") if pathlib.Path(p).is_dir() else [pathlib.Path(p)])
+             if f.is_file()]
+    for f in files:
+        text = f.read_text(errors="replace")
+        found = [s[:4] + "..." for s in secrets if s in text or json.dumps(s)[1:-1] in text]
+        assert not found, (str(f), found)
+        assert not BCRYPT.search(text), str(f)
+        assert not PEM_KEY.search(text), str(f)
+
+
+def _host_state(lab_params) -> dict:
+    """What a dry run must leave as it is, on every host."""
+    from runbook_lib.host import Command, SSHHost
+    kw = dict(user=lab_params["ssh_user"], port=lab_params["ssh_port"], key_filename=lab_params["ssh_key"],
+              known_hosts=lab_params["known_hosts"])
+    state = {}
+    ceph = SSHHost(lab_params["rgw_host"], **kw)
+    reg = SSHHost(lab_params["registry_host"], **kw)
+    try:
+        for label, h, c in [
+            ("ceph auth ls", ceph, "ceph auth ls 2>/dev/null | sha256sum"),
+            ("rgw users", ceph, "radosgw-admin user list 2>/dev/null"),
+            ("rgw user demo", ceph, "radosgw-admin user info --uid=demo 2>/dev/null | sha256sum"),
+            ("ceph.conf", ceph, "sha256sum /etc/ceph/ceph.conf"),
+            ("ceph processes", ceph, PROCS),
+            ("registry containers", reg, "docker ps -a --no-trunc --format '{{.ID}} {{.Names}} {{.State}} {{.Image}}'"),
+            ("registry files", reg,
+             "find /opt/k8s/registry /etc/docker -type f -exec sha256sum {} + 2>/dev/null | sort; true"),
+            ("registry processes", reg, PROCS),
+        ]:
+            state[label] = h.run(Command(c), read=True, check=False).stdout
+    finally:
+        ceph.close()
+        reg.close()
+    sd = pathlib.Path(os.environ["RUNBOOK_STATE_DIR"])
+    state["control state dir"] = sorted(
+        (str(p.relative_to(sd)), hashlib.sha256(p.read_bytes()).hexdigest(), oct(p.stat().st_mode))
+        for p in sd.rglob("*") if p.is_file() and not p.name.startswith(".mask-"))
+    certs_d = pathlib.Path("/etc/docker/certs.d")
+    state["control certs.d"] = sorted(str(p) for p in certs_d.rglob("*")) if certs_d.exists() else []
+    return state
+
+
+@pytest.mark.lab
+def test_deploy_dry_run_changes_nothing(lab, state_dir, tmp_path):
+    """Dry run with the lab's parameters: every section runs, reports DRY-RUN, changes nothing."""
+    _need_sections()
+    params = yaml.safe_load(LAB.read_text())
+    before = _host_state(params)
+    r, out, run, runs = _deploy(tmp_path, "-p", "dry_run", "True", name="dry")
+    after = _host_state(params)
+    diff = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not diff, diff
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((run / "run.json").read_text())
+    assert data["outcome"] == "DRY-RUN" and data["changed"] is False
+    assert [v["status"] for v in data["sections"] if v["section"] != "deploy"] == ["DRY-RUN"] * len(SECTIONS)
+    for s in SECTIONS:
+        nb = json.loads((run / f"{s}.ipynb").read_text())
+        assert nb["metadata"]["papermill"]["parameters"]["dry_run"] is True
+
+
+@pytest.mark.lab
+def test_deploy_dry_run_shows_what_a_real_run_would_do(lab, state_dir, tmp_path):
+    """Dry run for a uid that does not exist: the commands a real run would execute are shown
+    (and skipped), and no host changes."""
+    _need_sections()
+    params = yaml.safe_load(LAB.read_text())
+    before = _host_state(params)
+    r, out, run, runs = _deploy(tmp_path, "-p", "dry_run", "True", "-p", "uid", "dryrunprobe", name="dry2")
+    after = _host_state(params)
+    diff = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert not diff, diff
+    text = outputs_text(json.loads((run / "02-accounts.ipynb").read_text()))
+    assert "would run" in text and "radosgw-admin user create" in text
+    data = json.loads((run / "run.json").read_text())
+    assert data["changed"] is False
+    skipped = [c["command"] for c in data["commands"] if c["skipped"]]
+    assert any("radosgw-admin user create" in c and "dryrunprobe" in c for c in skipped), skipped
+    # every section previews its part, even when an earlier one only said what it would do
+    assert r.returncode == 0, data.get("error")
+    assert data["outcome"] == "DRY-RUN"
