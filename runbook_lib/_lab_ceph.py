@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import struct
 import time
 import uuid
@@ -21,8 +22,10 @@ def gen_key() -> str:
     return base64.b64encode(struct.pack("<hiih", 1, int(time.time()), 0, 16) + os.urandom(16)).decode()
 
 
-def ceph_conf(fsid: str, addr: str, network: str) -> str:
-    return f"""\
+def ceph_conf(fsid: str, addr: str, network: str, overrides: dict | None = None) -> str:
+    """[global]; overrides {"osd pool default pg num": 128} replace or add options (e.g. to
+    reproduce the FAQ's 416 in a separate cluster)."""
+    text = f"""\
 [global]
 fsid = {fsid}
 mon host = [v2:{addr}:3300,v1:{addr}:6789]
@@ -47,6 +50,11 @@ mgr stats period = 1
 mgr tick period = 1
 osd mon report interval = 1
 """
+    for key, value in (overrides or {}).items():
+        line = f"{key} = {value}"
+        pat = re.compile(rf"^{re.escape(key)} = .*$", re.M)
+        text = pat.sub(line, text) if pat.search(text) else text + line + "\n"
+    return text
 
 
 def _keyring(entries: dict[str, tuple[str, dict[str, str]]]) -> str:
@@ -62,8 +70,9 @@ ADMIN_CAPS = {"mds": "allow *", "mgr": "allow *", "mon": "allow *", "osd": "allo
 MGR_CAPS = {"mds": "allow *", "mon": "allow profile mgr", "osd": "allow *"}
 
 
-def start(hx, root, addr: str, network: str, log=print):
-    """Create and start the cluster.  hx(argv, **kw) runs in the host; root(path) -> path seen from here."""
+def start(hx, root, addr: str, network: str, log=print, conf_overrides: dict | None = None):
+    """Create and start the cluster.  hx(argv, **kw) runs in the host; root(path) -> path seen from here.
+    conf_overrides: ceph.conf options replacing the defaults (see ceph_conf)."""
     fsid = str(uuid.uuid4())
     osd_uuid = str(uuid.uuid4())
     admin_key, mon_key, mgr_key, osd_key = gen_key(), gen_key(), gen_key(), gen_key()
@@ -77,7 +86,7 @@ def start(hx, root, addr: str, network: str, log=print):
             f.write(text)
         os.chmod(root(path), mode)
 
-    write("/etc/ceph/ceph.conf", ceph_conf(fsid, addr, network))
+    write("/etc/ceph/ceph.conf", ceph_conf(fsid, addr, network, conf_overrides))
     write("/etc/ceph/ceph.client.admin.keyring", _keyring({"client.admin": (admin_key, ADMIN_CAPS)}), 0o600)
     write("/var/lib/ceph/tmp/mon.keyring", _keyring({
         "mon.": (mon_key, {"mon": "allow *"}),

@@ -36,7 +36,10 @@ def register(value, *, derived_for_user: str | None = None) -> str:
     if derived_for_user is not None:
         forms.add(base64.b64encode(f"{derived_for_user}:{value}".encode()).decode())
     # JSON-escaped form (a secret with / or " appears escaped inside JSON text)
-    forms.add(json.dumps(value)[1:-1])
+    # Not for a value that is itself an escaped form (holds "\\"): mask files carry every form
+    # to the next process, which would escape it again, doubling backslashes on every run.
+    if "\\\\" not in value:
+        forms.add(json.dumps(value)[1:-1])
     with _lock:
         new = forms - _secrets
         _secrets.update(forms)
