@@ -17,11 +17,11 @@ import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import masking, params as P, steps
-from .errors import CheckFailed, ParameterError, RunbookError
+from .errors import ParameterError, RunbookError
 from .host import cmd
 from .steps import step
 
@@ -115,7 +115,21 @@ def missing_sans(cert: x509.Certificate, required) -> list[str]:
     return missing
 
 
-def parse_subject(text: str) -> x509.Name:
+def subject_of(cn: str = "registry", org: str = "k8s") -> x509.Name:
+    """The document's CSR names with CN and O as given (OU, L, ST, C fixed as the document's)."""
+    if not cn or not org:
+        raise ValueError("cert_cn and cert_org must not be empty")
+    return x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "CN"),
+                      x509.NameAttribute(NameOID.STATE_OR_PROVINCE_NAME, "BeiJing"),
+                      x509.NameAttribute(NameOID.LOCALITY_NAME, "BeiJing"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "4Paradigm"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def parse_subject(text) -> x509.Name:
+    if isinstance(text, x509.Name):
+        return text
     try:
         name = x509.Name.from_rfc4514_string(text)
     except Exception as e:  # cryptography raises ValueError on bad syntax
@@ -156,6 +170,16 @@ def key_pem(key) -> bytes:
                              serialization.NoEncryption())
 
 
+def register_pem(data: bytes) -> None:
+    """Mask a private key line by line: each base64 body line is a secret.  (Not the whole
+    PEM as one value: its newlines get JSON-escaped forms, and those compound run after run
+    in the engine's mask file.)"""
+    for line in data.decode(errors="replace").splitlines():
+        line = line.strip()
+        if len(line) >= 8 and not line.startswith("-----"):
+            masking.register(line)
+
+
 def load_cert(data: bytes, what: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(data)
@@ -171,7 +195,7 @@ def load_key(data: bytes, what: str):
                         "give an unencrypted copy (openssl pkey -in KEY -out KEY.plain), kept 0600") from None
     except Exception:
         raise CertError(f"{what}: not a PEM private key") from None
-    masking.register(data.decode(errors="replace").strip())
+    register_pem(data)
     return key
 
 
@@ -196,7 +220,7 @@ def make_ca(subject: str = CA_SUBJECT, days: int = CA_DAYS):
     return cert, key
 
 
-def issue(ca_cert: x509.Certificate, ca_key, subject: str, sans, days: int):
+def issue(ca_cert: x509.Certificate, ca_key, subject, sans, days: int):
     """A server certificate for `sans` signed by the CA: (cert, key)."""
     key = new_key()
     t = now()
@@ -215,7 +239,7 @@ def issue(ca_cert: x509.Certificate, ca_key, subject: str, sans, days: int):
     return b.sign(ca_key, hashes.SHA256()), key
 
 
-def reissue_reasons(cert, key, ca_cert, sans, subject: str, renew_days: int) -> list[str]:
+def reissue_reasons(cert, key, ca_cert, sans, subject, renew_days: int) -> list[str]:
     """Why an existing certificate must be replaced ([] = keep it)."""
     if cert is None or key is None:
         return ["no certificate yet"]
@@ -327,28 +351,35 @@ def names(ctx) -> list[str]:
     addrs = P.as_list(ctx.registry_host)
     hostnames = []
     for a in addrs:
-        h = ctx.host(a).run(cmd("hostname"), read=True).stdout.strip()
+        h = ctx.host(a).run(cmd("hostname"), read=True, timeout=30).stdout.strip()
         if h and not P.host_problem(h) and h not in hostnames:
             hostnames.append(h)
         steps.row(registry_host=a, hostname=h)
     sans = default_sans(addrs, hostnames, extra)
     steps.fact("SANs", ", ".join(sans))
+    _state(ctx)["sans"] = sans
     return sans
 
 
+def _state(ctx) -> dict:
+    return ctx.__dict__.setdefault("_certs", {})
+
+
 @step("Plan: check the CA and the existing certificate")
-def plan(ctx, sans) -> dict:
+def plan(ctx, sans=None) -> dict:
     """Everything decided before anything is written; bad input raises here."""
-    subject = _p(ctx, "cert_subject", DEFAULT_SUBJECT)
+    if sans is None:
+        sans = _state(ctx).get("sans") or names(ctx).value
     try:
-        parse_subject(subject)
+        subject = subject_of(_p(ctx, "cert_cn", "registry"), _p(ctx, "cert_org", "k8s"))
     except ValueError as e:
-        raise ParameterError([f"cert_subject: {e}"]) from None
+        raise ParameterError([f"cert_cn/cert_org: {e}"]) from None
     ca, ca_key, ours = _load_ca(ctx)
     required = P.as_list(ctx.registry_host)
     out = {"ca": ca, "ca_key": ca_key, "ours": ours, "subject": subject, "sans": sans, "required": required}
     if _p(ctx, "server_cert") or _p(ctx, "server_key"):
         out.update(_plan_given(ctx, ca, required))
+        _state(ctx)["plan"] = out
         return out
     old = _read(cert_path(ctx))
     oldk = _read(key_path(ctx))
@@ -360,6 +391,7 @@ def plan(ctx, sans) -> dict:
         pass
     why = ["no CA yet"] if ca is None else reissue_reasons(cert, key, ca, sans, subject, _p(ctx, "renew_days", 30))
     out.update(cert=cert, key=key, reasons=why, given=False)
+    _state(ctx)["plan"] = out
     steps.fact("CA", ("own CA in " + ca_dir(ctx)) if ours else _p(ctx, "ca_cert"))
     steps.fact("server certificate", "keep" if not why else "issue: " + "; ".join(why))
     return out
@@ -396,19 +428,20 @@ def _plan_given(ctx, ca, required) -> dict:
 
 
 @step("CA certificate")
-def ensure_ca(ctx, plan: dict):
+def ensure_ca(ctx, decided: dict | None = None):
     """Our own CA (created once, kept), or a copy of the given CA cert at <state_dir>/ca/ca.pem."""
-    ca = plan["ca"]
+    decided = decided or _state(ctx).get("plan") or plan(ctx).value
+    ca = decided["ca"]
     loc = ctx.local
     caf, kf = os.path.join(ca_dir(ctx), "ca.pem"), os.path.join(ca_dir(ctx), "ca-key.pem")
-    if plan["ours"]:
+    if decided["ours"]:
         if ca is None:
             ca, key = make_ca()
             kp = key_pem(key)
-            masking.register(kp.decode().strip())
+            register_pem(kp)
             loc.put_file(kf, kp, mode=0o600, secret=True)
-            plan["ca"], plan["ca_key"] = ca, key
-            plan["reasons"] = ["new CA"]
+            decided["ca"], decided["ca_key"] = ca, key
+            decided["reasons"] = ["new CA"]
         loc.put_file(caf, ca.public_bytes(serialization.Encoding.PEM), mode=0o644)
     else:
         if os.path.exists(kf):
@@ -423,21 +456,23 @@ def ensure_ca(ctx, plan: dict):
 
 
 @step("Server certificate for the registry")
-def ensure_cert(ctx, plan: dict):
+def ensure_cert(ctx, decided: dict | None = None):
+    """Issue (or keep, or take the given) server certificate: registry.pem + registry-key.pem (0600)."""
+    decided = decided or _state(ctx).get("plan") or plan(ctx).value
     loc = ctx.local
-    if plan.get("given"):
-        cert, kp = plan["cert"], plan["key_pem"]
-        cp = plan["cert_pem"]
-    elif plan["reasons"]:
-        cert, key = issue(plan["ca"], plan["ca_key"], plan["subject"], plan["sans"], _p(ctx, "cert_days", 825))
+    if decided.get("given"):
+        cert, kp = decided["cert"], decided["key_pem"]
+        cp = decided["cert_pem"]
+    elif decided["reasons"]:
+        cert, key = issue(decided["ca"], decided["ca_key"], decided["subject"], decided["sans"], _p(ctx, "cert_days", 825))
         kp = key_pem(key)
         cp = cert.public_bytes(serialization.Encoding.PEM)
-        steps.note("issued: " + "; ".join(plan["reasons"]))
+        steps.note("issued: " + "; ".join(decided["reasons"]))
     else:
-        cert = plan["cert"]
+        cert = decided["cert"]
         cp = _read(cert_path(ctx))
         kp = _read(key_path(ctx))
-    masking.register(kp.decode().strip())
+    register_pem(kp)
     loc.put_file(key_path(ctx), kp, mode=0o600, secret=True)
     loc.put_file(cert_path(ctx), cp, mode=0o644)
     steps.row(**summary(cert, "registry"))
@@ -492,14 +527,15 @@ def load_server(ctx) -> tuple[bytes, bytes]:
     cd, kd = _read(cert_path(ctx)), _read(key_path(ctx))
     if cd is None or kd is None:
         raise CertError(f"no registry certificate in {cert_dir(ctx)}", "run notebooks/03-certs.ipynb first (same state_dir)")
-    masking.register(kd.decode(errors="replace").strip())
+    register_pem(kd)
     return cd, kd
 
 
 def check(ctx):
     """Verdict: chain and dates valid, SANs cover every registry address."""
     if ctx.dry_run and not os.path.exists(cert_path(ctx)):
-        return ctx.verdict(True, "dry run: nothing issued")
+        ctx.verdict(True, "dry run: nothing issued")
+        return
     problems = verify(ctx)
     facts = {}
     cd = _read(cert_path(ctx))
@@ -512,5 +548,5 @@ def check(ctx):
         except CertError:
             pass
     ok = not problems
-    return ctx.verdict(ok, "certificate chain valid, SANs cover every registry address" if ok else "; ".join(problems),
+    ctx.verdict(ok, "certificate chain valid, SANs cover every registry address" if ok else "; ".join(problems),
                        hint="re-run this notebook (it re-issues what is wrong)", **facts)

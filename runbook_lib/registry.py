@@ -1,0 +1,779 @@
+"""Section 4: the registry itself — htpasswd, config.yml, and the running service.
+
+As in the document: an htpasswd file (bcrypt), a `config.yml` (the document's, with
+`log.formatter` spelled right), and `docker run ... registry:2` on every registry host
+with `/opt/k8s/registry/{auth,certs,config.yml}` mounted.  Or (runtime=systemd) Debian's
+`docker-registry` package as a service.  Storage: Swift against RGW auth v1 (the
+document's), S3 against RGW (the only RGW path in registry 3), or the local filesystem.
+
+Everything that can be wrong is checked first (`preflight`): certificates, the port,
+the image, and the RGW credentials — tried from each registry host — so that a bad
+input stops the run before a file is written or a container replaced.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import os
+import re
+import time
+
+import yaml
+
+from . import certs, journal, masking, params as P, steps
+from .errors import ParameterError, RunbookError
+from .host import cmd
+from .journal import Result
+from .steps import step
+
+CONTAINER_NAME = "registry"
+LABEL = "runbook.config-sha256"
+REALM = "basic-realm"  # the document's
+S3_REGION = "us-east-1"  # RGW accepts any region name; the driver needs one
+SYSTEMD_CONFIG = "/etc/docker/registry/config.yml"
+SYSTEMD_BIN = "/usr/bin/docker-registry"
+PIDFILE = "/run/docker-registry.pid"
+HASHFILE = "/run/docker-registry.config-sha256"
+LOGFILE = "/var/log/docker-registry.log"
+UNIT_PATH = "/etc/systemd/system/docker-registry.service"
+OUR_PROCESSES = ("registry", "docker-registry")  # what may hold registry_port already
+READY_TIMEOUT = 30.0
+
+
+class RegistryError(RunbookError):
+    pass
+
+
+class ConfigError(RegistryError):
+    """config.yml would not be accepted (or not do what was asked)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = [masking.mask(p) for p in problems]
+        super().__init__("config.yml is not valid; nothing was deployed:\n" +
+                         "\n".join(f"  - {p}" for p in self.problems),
+                         "fix the parameters named above (storage, registry_version, ...) and run again")
+
+
+# -------------------------------------------------------------------- config (pure)
+def paths(runtime: str, remote_dir: str) -> dict:
+    """Where the registry process sees its files (in the container, or on the host)."""
+    if runtime == "docker":
+        return {"htpasswd": "/auth/htpasswd", "cert": "/certs/registry.pem", "key": "/certs/registry-key.pem",
+                "config": "/etc/docker/registry/config.yml", "root": "/var/lib/registry"}
+    return {"htpasswd": f"{remote_dir}/auth/htpasswd", "cert": f"{remote_dir}/certs/registry.pem",
+            "key": f"{remote_dir}/certs/registry-key.pem", "config": SYSTEMD_CONFIG, "root": "/var/lib/docker-registry"}
+
+
+def render_config(storage: str, *, port: int, http_secret: str, htpasswd_path: str = "/auth/htpasswd",
+                  cert_path: str = "/certs/registry.pem", key_path: str = "/certs/registry-key.pem",
+                  rgw_url: str = "", container: str = "registry", swift_user: str = "", swift_key: str = "",
+                  s3_access: str = "", s3_secret: str = "", region: str = S3_REGION,
+                  rootdirectory: str = "/var/lib/registry", addr: str = "0.0.0.0", realm: str = REALM) -> dict:
+    """The document's config.yml as a dict, for one storage backend."""
+    if storage == "swift":
+        driver = {"swift": {"authurl": f"{rgw_url}/auth/v1", "username": swift_user, "password": swift_key,
+                            "container": container}}
+    elif storage == "s3":
+        driver = {"s3": {"accesskey": s3_access, "secretkey": s3_secret, "region": region,
+                         "regionendpoint": rgw_url, "bucket": container, "forcepathstyle": True,
+                         "secure": False, "v4auth": True}}
+    elif storage == "filesystem":
+        driver = {"filesystem": {"rootdirectory": rootdirectory}}
+    else:
+        driver = {storage: {}}
+    extra = {}
+    if storage == "s3":
+        # else blob GETs get a 307 to a presigned RGW URL: clients would need to reach RGW too
+        extra = {"redirect": {"disable": True}}
+    return {
+        "version": 0.1,
+        "log": {"level": "info", "formatter": "text", "fields": {"service": "registry"}},
+        "storage": {"cache": {"blobdescriptor": "inmemory"}, "delete": {"enabled": True}, **extra, **driver},
+        "auth": {"htpasswd": {"realm": realm, "path": htpasswd_path}},
+        "http": {"addr": f"{addr}:{port}", "secret": http_secret,
+                 "headers": {"X-Content-Type-Options": ["nosniff"]},
+                 "tls": {"certificate": cert_path, "key": key_path}},
+        "health": {"storagedriver": {"enabled": True, "interval": "10s", "threshold": 3}},
+    }
+
+
+# Keys distribution 2.8 knows, for the parts we write (a typo like `fromatter` is refused).
+_KNOWN = {
+    "": {"version", "log", "storage", "auth", "http", "health", "notifications", "redis", "middleware",
+         "reporting", "proxy", "validation", "compatibility", "loglevel"},
+    "log": {"level", "formatter", "fields", "accesslog", "hooks", "reportcaller"},
+    "storage": {"filesystem", "s3", "swift", "inmemory", "azure", "gcs", "oss", "cache", "delete", "redirect",
+                "maintenance", "tag"},
+    "storage.swift": {"authurl", "username", "password", "container", "region", "tenant", "tenantid", "domain",
+                      "domainid", "tenantdomain", "tenantdomainid", "trustid", "insecureskipverify", "chunksize",
+                      "prefix", "secretkey", "accesskey", "authversion", "endpointtype", "tempurlcontainerkey",
+                      "tempurlmethods"},
+    "storage.s3": {"accesskey", "secretkey", "region", "regionendpoint", "bucket", "encrypt", "keyid", "secure",
+                   "skipverify", "v4auth", "chunksize", "multipartcopychunksize", "multipartcopymaxconcurrency",
+                   "multipartcopythresholdsize", "rootdirectory", "storageclass", "useragent", "usedualstack",
+                   "accelerate", "objectacl", "forcepathstyle", "loglevel", "sessiontoken"},
+    "storage.filesystem": {"rootdirectory", "maxthreads"},
+    "storage.cache": {"blobdescriptor", "blobdescriptorsize"},
+    "storage.delete": {"enabled"},
+    "storage.redirect": {"disable"},
+    "auth": {"htpasswd", "silly", "token"},
+    "auth.htpasswd": {"realm", "path"},
+    "http": {"addr", "net", "prefix", "host", "secret", "relativeurls", "draintimeout", "tls", "debug", "headers",
+             "http2"},
+    "http.tls": {"certificate", "key", "clientcas", "minimumtls", "ciphersuites", "letsencrypt"},
+    "health": {"storagedriver", "file", "http", "tcp"},
+    "health.storagedriver": {"enabled", "interval", "threshold"},
+}
+_REQUIRED = {
+    "storage.swift": ("authurl", "username", "password", "container"),
+    "storage.s3": ("accesskey", "secretkey", "region", "regionendpoint", "bucket"),
+    "storage.filesystem": ("rootdirectory",),
+    "auth.htpasswd": ("realm", "path"),
+    "http.tls": ("certificate", "key"),
+    "http": ("addr", "secret"),
+}
+DRIVERS = ("filesystem", "s3", "swift", "inmemory", "azure", "gcs", "oss")
+
+
+def validate_config(cfg: dict, registry_version: int = 2) -> list[str]:
+    """Every problem with a config dict ([] = good): unknown keys, missing values, a
+    storage driver the registry version lacks, not exactly one driver."""
+    problems = []
+
+    def walk(d, path):
+        known = _KNOWN.get(path)
+        if known is None or not isinstance(d, dict):
+            return
+        for k, v in d.items():
+            if k not in known:
+                problems.append(f"unknown key {(path + '.' if path else '') + str(k)!r}"
+                                + (" (did you mean 'formatter'?)" if k == "fromatter" else ""))
+            walk(v, f"{path}.{k}" if path else k)
+
+    walk(cfg, "")
+    for path, keys in _REQUIRED.items():
+        node = cfg
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            if path.startswith("storage.") or path == "auth.htpasswd" and "auth" not in cfg:
+                continue
+            problems.append(f"missing section {path!r}")
+            continue
+        for k in keys:
+            if node.get(k) in (None, ""):
+                problems.append(f"missing value {path}.{k}")
+    drivers = [k for k in (cfg.get("storage") or {}) if k in DRIVERS]
+    if len(drivers) != 1:
+        problems.append(f"storage needs exactly one driver, found {drivers or 'none'}")
+    if registry_version not in (2, 3):
+        problems.append(f"registry_version {registry_version} is not 2 or 3")
+    if registry_version >= 3 and "swift" in drivers:
+        problems.append("storage swift: registry 3 removed the swift driver; use storage=s3 (RGW's S3 API) "
+                        "or registry_version=2")
+    if registry_version >= 3 and "auth" in cfg and "formatter" in (cfg.get("log") or {}):
+        pass  # same key in 3.x
+    addr = str((cfg.get("http") or {}).get("addr", ""))
+    if addr and not re.match(r"^[^:]*:\d{1,5}$", addr):
+        problems.append(f"http.addr {addr!r} is not HOST:PORT")
+    return problems
+
+
+def to_yaml(cfg: dict) -> str:
+    return ("# written by runbook_lib.registry (see notebooks/04-registry.ipynb)\n"
+            + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False))
+
+
+def render_unit(config: str = SYSTEMD_CONFIG, binary: str = SYSTEMD_BIN, user: str = "docker-registry") -> str:
+    """The systemd unit for runtime=systemd (Debian's package ships one like it; ours
+    makes sure the s3 driver does not see AWS_CA_BUNDLE)."""
+    return f"""\
+# written by runbook_lib.registry
+[Unit]
+Description=Docker registry (CNCF distribution), TLS + htpasswd
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User={user}
+# the s3 driver panics when AWS_CA_BUNDLE is set (LoadCustomCABundleError)
+UnsetEnvironment=AWS_CA_BUNDLE
+ExecStart={binary} serve {config}
+Restart=always
+RestartSec=2
+NoNewPrivileges=true
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+# -------------------------------------------------------------------- helpers
+def _p(ctx, name, default=None):
+    return ctx.params.get(name, default)
+
+
+def _state(ctx) -> dict:
+    return ctx.__dict__.setdefault("_registry", {})
+
+
+def url(ctx, host: str) -> str:
+    """https://HOST:PORT for a registry host."""
+    h = f"[{host}]" if ":" in host else host
+    return f"https://{h}:{ctx.registry_port}"
+
+
+def password(ctx) -> str:
+    return ctx.secret("registry_password", user=ctx.registry_user)
+
+
+def session(ctx, auth: bool = True):
+    """A requests Session that trusts only our CA (trust_env=False: REQUESTS_CA_BUNDLE
+    would otherwise win over verify=) and logs in as registry_user."""
+    import requests
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = certs.ca_path(ctx)
+    if auth:
+        s.auth = (ctx.registry_user, password(ctx))
+    return s
+
+
+def _http(s, method, u, host, **kw):
+    """An HTTP call recorded in the journal (masked) like a command."""
+    import requests
+    t0 = time.monotonic()
+    try:
+        r = s.request(method, u, timeout=kw.pop("timeout", 10), **kw)
+        code, err = r.status_code, ""
+    except requests.RequestException as e:
+        r, code, err = None, None, f"{type(e).__name__}: {str(e)[:200]}"
+    journal.record(Result(host, f"{method} {u}", code if code is not None else -1, str(code or ""), err,
+                          time.monotonic() - t0, read=method in ("GET", "HEAD"), kind="http"))
+    return r, err
+
+
+def _users(value) -> list[str]:
+    return [u for u in P.as_list(value)]
+
+
+def _curl_conf(**kv) -> str:
+    """A curl config (read with -K -): keeps secrets off command lines and out of `ps`."""
+    lines = []
+    for k, v in kv.items():
+        for item in (v if isinstance(v, list) else [v]):
+            item = str(item).replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{k.replace("_", "-")} = "{item}"')
+    return "\n".join(lines) + "\n"
+
+
+def _rgw_url(ctx) -> str:
+    return f"http://{ctx.rgw_host}:{ctx.rgw_port}"
+
+
+def credentials(ctx) -> dict:
+    """RGW credentials for the chosen storage, from the accounts module (registered as secrets)."""
+    st = _state(ctx)
+    if "creds" in st:
+        return st["creds"]
+    storage = ctx.storage
+    creds = {}
+    if storage in ("swift", "s3"):
+        from . import accounts
+        if storage == "swift":
+            user, key = accounts.swift_credentials(ctx)
+            masking.register(key)
+            creds = {"swift_user": user, "swift_key": key}
+        else:
+            access, secret = accounts.s3_credentials(ctx)
+            masking.register(secret)
+            creds = {"s3_access": access, "s3_secret": secret}
+    st["creds"] = creds
+    return creds
+
+
+def _config_for(ctx) -> dict:
+    rt, rd = ctx.runtime, _p(ctx, "remote_dir", "/opt/k8s/registry")
+    pa = paths(rt, rd)
+    http_secret = ctx.secret("registry_http_secret")
+    return render_config(ctx.storage, port=ctx.registry_port, http_secret=http_secret,
+                         htpasswd_path=pa["htpasswd"], cert_path=pa["cert"], key_path=pa["key"],
+                         rgw_url=_rgw_url(ctx), container=_p(ctx, "container", "registry"),
+                         rootdirectory=pa["root"], **credentials(ctx))
+
+
+def _listeners(h, port) -> list[tuple[str, str]]:
+    """(process name, pid) listening on TCP port on host h."""
+    out = h.run(cmd("ss -Hltnp {f}", f=f"sport = :{port}"), read=True, check=False).stdout
+    found = []
+    for line in out.splitlines():
+        procs = re.findall(r'\("([^"]+)",pid=(\d+)', line)
+        found += procs or [("?", "")]
+    return found
+
+
+# -------------------------------------------------------------------- steps
+@step("Pre-flight: check every input before changing anything")
+def preflight(ctx) -> dict:
+    """Parameters that go together, certificates, port, runtime, image, RGW credentials
+    (tried from each registry host), and the rendered config.  Raises before any change."""
+    problems = []
+    storage, version, rt = ctx.storage, _p(ctx, "registry_version", 2), ctx.runtime
+    rd = _p(ctx, "remote_dir", "/opt/k8s/registry")
+    if storage == "swift" and version >= 3:
+        problems.append("storage: swift is not in registry 3 (it removed the driver); use storage=s3 or registry_version=2")
+    if version >= 3 and _p(ctx, "image", "registry:2").endswith(":2"):
+        problems.append(f"image: {ctx.image!r} is registry 2 but registry_version is {version}")
+    if not rd or not rd.startswith("/") or rd.rstrip("/") == "":
+        problems.append(f"remote_dir: {rd!r} must be an absolute directory (it holds auth/htpasswd, certs/, config.yml)")
+    users = _users(_p(ctx, "htpasswd_users", ""))
+    removed = _users(_p(ctx, "remove_users", ""))
+    if ctx.registry_user in removed:
+        problems.append(f"remove_users: cannot remove registry_user {ctx.registry_user!r} (the runbook logs in as it)")
+    both = sorted(set(users) & set(removed))
+    if both:
+        problems.append(f"remove_users: {', '.join(both)} also in htpasswd_users")
+    if _p(ctx, "rotate_password") and os.environ.get("REGISTRY_PASSWORD"):
+        problems.append("rotate_password: REGISTRY_PASSWORD is set in the environment, its value would win; "
+                        "change it there instead")
+    if problems:
+        raise ParameterError(problems)
+    cert_problems = certs.verify(ctx)
+    if cert_problems:
+        raise RegistryError("the registry certificate is not usable: " + "; ".join(cert_problems),
+                            "run notebooks/03-certs.ipynb with the same registry_host and state_dir")
+    steps.fact("certificate", "chain valid, SANs cover " + ", ".join(P.as_list(ctx.registry_host)))
+    hosts = ctx.hosts(ctx.registry_host)
+    creds = credentials(ctx)
+
+    def per_host(h):
+        found = []
+        for name, pid in _listeners(h, ctx.registry_port):
+            if name not in OUR_PROCESSES:
+                found.append(f"registry_port: {ctx.registry_port} is in use on {h.name} by {name}"
+                             + (f" (pid {pid})" if pid else "") + "; choose another port")
+        if rt == "docker":
+            if not h.test(cmd("docker version --format {f}", f="{{.Server.Version}}")):
+                found.append(f"runtime: docker does not answer on {h.name} (is dockerd running?)")
+            else:
+                r = h.run(cmd("docker image inspect --format {f} {i}", f="{{json .Config.Env}}", i=ctx.image),
+                          read=True, check=False)
+                if r.exit_code != 0:
+                    steps.row(host=h.name, image=f"{ctx.image} not present: docker run will pull it")
+                elif "AWS_CA_BUNDLE" in r.stdout and storage == "s3":
+                    found.append(f"image: {ctx.image} sets AWS_CA_BUNDLE, which makes the s3 driver panic")
+        elif not h.test(cmd("test -x {b}", b=SYSTEMD_BIN)) and not h.has_systemd():
+            found.append(f"runtime: {SYSTEMD_BIN} is missing on {h.name} and it has no systemd/apt to install "
+                         "the docker-registry package")
+        found += _storage_probe(ctx, h, creds)
+        return found
+
+    for found in journal.parallel(per_host, hosts):
+        problems += found
+    if problems:
+        raise RegistryError("pre-flight failed; nothing was changed:\n" + "\n".join(f"  - {p}" for p in problems))
+    cfg = _config_for(ctx)
+    bad = validate_config(cfg, version)
+    if bad:
+        raise ConfigError(bad)
+    steps.fact("storage", {"swift": f"swift {_rgw_url(ctx)}/auth/v1 as {creds.get('swift_user')}",
+                           "s3": f"s3 {_rgw_url(ctx)} bucket {ctx.container}",
+                           "filesystem": "filesystem " + paths(rt, rd)["root"]}[storage])
+    steps.fact("config.yml", "valid")
+    _state(ctx)["config"] = cfg
+    return {"config_ok": True}
+
+
+def _storage_probe(ctx, h, creds) -> list[str]:
+    """Try the RGW credentials from the registry host (the registry's own network path)."""
+    storage = ctx.storage
+    base = _rgw_url(ctx)
+    if storage == "swift":
+        conf = _curl_conf(url=f"{base}/auth/v1", header=[f"X-Auth-User: {creds['swift_user']}",
+                                                           f"X-Auth-Key: {creds['swift_key']}"])
+        r = h.run(["curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", "-K", "-"], stdin=conf,
+                  read=True, check=False, no_log=True)
+        code = r.stdout.strip()
+        steps.row(host=h.name, probe=f"swift auth v1 as {creds['swift_user']}", answer=code)
+        if code in ("200", "204"):
+            return []
+        if code in ("000", ""):
+            return [f"rgw_host: {base} does not answer from {h.name} (curl exit {r.exit_code})"]
+        return [f"swift_subuser: RGW refused swift auth for {creds['swift_user']!r} from {h.name} "
+                f"(HTTP {code}): wrong subuser or key; run notebooks/02-accounts.ipynb"]
+    if storage == "s3":
+        code = _s3(h, ctx, creds, "HEAD")
+        steps.row(host=h.name, probe=f"S3 HEAD bucket {ctx.container}", answer=code)
+        if code in ("200", "404"):
+            _state(ctx).setdefault("bucket", {})[h.name] = code
+            return []
+        if code in ("000", ""):
+            return [f"rgw_host: {base} does not answer from {h.name}"]
+        return [f"uid: RGW refused the S3 keys of {ctx.uid!r} from {h.name} (HTTP {code}): wrong access/secret key, "
+                "or the bucket belongs to another user; run notebooks/02-accounts.ipynb"]
+    return []
+
+
+def _s3(h, ctx, creds, method) -> str:
+    conf = _curl_conf(url=f"{_rgw_url(ctx)}/{ctx.container}", user=f"{creds['s3_access']}:{creds['s3_secret']}",
+                      aws_sigv4=f"aws:amz:{S3_REGION}:s3", header="x-amz-content-sha256: UNSIGNED-PAYLOAD",
+                      **({} if method == "HEAD" else {"request": method}))
+    extra = ["-I"] if method == "HEAD" else []
+    r = h.run(["curl", "-s", "-m", "15", *extra, "-o", "/dev/null", "-w", "%{http_code}", "-K", "-"], stdin=conf,
+              read=method == "HEAD", check=False, no_log=True, changed=method != "HEAD")
+    return r.stdout.strip() if not r.skipped else "skipped"
+
+
+@step("S3 bucket {ctx.container} (the s3 driver does not create it)")
+def bucket(ctx):
+    """storage=s3 only: create the bucket first; the registry would otherwise fail every write."""
+    if ctx.storage != "s3":
+        steps.note(f"storage={ctx.storage}: nothing to do")
+        return None
+    creds = credentials(ctx)
+    h = ctx.host(P.as_list(ctx.registry_host)[0])
+    code = _s3(h, ctx, creds, "HEAD")
+    if code == "200":
+        steps.fact("bucket", f"{ctx.container} exists")
+        return code
+    code = _s3(h, ctx, creds, "PUT")
+    if code not in ("200", "skipped"):
+        raise RegistryError(f"creating bucket {ctx.container!r} on {_rgw_url(ctx)} failed: HTTP {code}",
+                            "HTTP 416 is the FAQ's PG limit: see notebooks/07-faq.ipynb")
+    steps.fact("bucket", f"{ctx.container} created")
+    return code
+
+
+def _cost(ctx) -> int:
+    return int(_p(ctx, "bcrypt_cost", 5))
+
+
+def _crypt_context(cost):
+    from passlib.context import CryptContext
+    # $2y$ as htpasswd -B writes it (the document's hash); the registry accepts 2a/2b/2y
+    return CryptContext(schemes=["bcrypt"], bcrypt__rounds=cost, bcrypt__ident="2y")
+
+
+def build_htpasswd(existing: bytes | None, wanted: dict, remove=(), cost: int = 5, rotate=()) -> tuple[bytes, list[dict]]:
+    """New htpasswd content: keep a user's hash when its password still verifies and its cost
+    is the wanted one (bcrypt salts differ per run, so re-hashing would change the file every
+    time); hash the others; drop `remove`.  Returns (content, rows of what happened)."""
+    from passlib.apache import HtpasswdFile
+    cc = _crypt_context(cost)
+    ht = HtpasswdFile.from_string(existing or b"", context=cc) if existing else HtpasswdFile(new=True, context=cc)
+    rows = []
+    for u in ht.users():
+        h = ht.get_hash(u)
+        masking.register(h.decode() if isinstance(h, bytes) else h)
+    for user, pw in wanted.items():
+        old = ht.get_hash(user)
+        old = old.decode() if isinstance(old, bytes) else old
+        keep = False
+        if old and user not in rotate:
+            try:
+                keep = ht.check_password(user, pw) and old.split("$")[2] == f"{cost:02d}"
+            except (ValueError, IndexError):
+                keep = False
+        if keep:
+            rows.append({"user": user, "hash": "kept (password verifies)"})
+            continue
+        ht.set_password(user, pw)
+        new = ht.get_hash(user)
+        masking.register(new.decode() if isinstance(new, bytes) else new)
+        rows.append({"user": user, "hash": f"new bcrypt cost {cost}" + (" (rotated)" if user in rotate else
+                                                                            "" if not old else " (changed)")})
+    for user in remove:
+        if ht.delete(user):
+            rows.append({"user": user, "hash": "removed"})
+    return ht.to_string(), rows
+
+
+@step("htpasswd file (bcrypt cost {ctx.params[bcrypt_cost]})")
+def htpasswd(ctx):
+    """remote_dir/auth/htpasswd on every registry host: registry_user + htpasswd_users."""
+    rd = ctx.remote_dir
+    path = f"{rd}/auth/htpasswd"
+    rotate = []
+    if _p(ctx, "rotate_password"):
+        new = __import__("secrets").token_urlsafe(24)
+        masking.register(new)
+        if not ctx.dry_run:
+            ctx.save_secret("registry_password", new)
+        ctx.__dict__["_rotated"] = new
+        rotate = [ctx.registry_user]
+    wanted = {ctx.registry_user: ctx.__dict__.get("_rotated") or password(ctx)}
+    for u in _users(_p(ctx, "htpasswd_users", "")):
+        wanted[u] = ctx.secret(f"htpasswd_password@{u}", user=u)
+    hosts = ctx.hosts(ctx.registry_host)
+    existing = [h.read_file(path) for h in hosts]
+    # start from the first host's file; a hash that verifies on any host is kept
+    base = next((e for e in existing if e), None)
+    content, rows = build_htpasswd(base, wanted, _users(_p(ctx, "remove_users", "")), _cost(ctx), rotate)
+    for r in rows:
+        steps.row(**r)
+    journal.parallel(lambda h: h.put_file(path, content, mode=_secret_mode(ctx, h), secret=True), hosts)
+    steps.fact("file", f"{path} (0600, {len(content.splitlines())} user(s))")
+    _state(ctx)["htpasswd"] = content
+    return [r["user"] for r in rows]
+
+
+def _secret_mode(ctx, h) -> int:
+    """0600 (root reads it: docker, or our daemon); 0640 group docker-registry under systemd,
+    where Debian's unit runs the registry as that user."""
+    return 0o640 if ctx.runtime == "systemd" and h.has_systemd() else 0o600
+
+
+def _files(ctx) -> dict:
+    """Everything the registry process reads at start: {remote path: (content, mode)}."""
+    st = _state(ctx)
+    cfg = st.get("config") or _config_for(ctx)
+    rd, rt = ctx.remote_dir, ctx.runtime
+    cert, key = certs.load_server(ctx)
+    cfg_path = f"{rd}/config.yml" if rt == "docker" else SYSTEMD_CONFIG
+    return {f"{rd}/certs/registry.pem": (cert, 0o644), f"{rd}/certs/registry-key.pem": (key, 0o600),
+            cfg_path: (to_yaml(cfg).encode(), 0o600)}
+
+
+def config_hash(ctx) -> str:
+    """Changes when anything read only at start changes (config, cert, key, image, runtime)."""
+    h = hashlib.sha256()
+    for p, (content, mode) in sorted(_files(ctx).items()):
+        h.update(p.encode() + b"\0" + content + b"\0")
+    h.update(f"{ctx.image}\0{ctx.runtime}\0{ctx.storage}".encode())
+    return h.hexdigest()
+
+
+@step("Configuration and certificates on the registry hosts")
+def configure(ctx):
+    """config.yml (0600, holds secrets), registry.pem, registry-key.pem (0600) under remote_dir."""
+    files = _files(ctx)
+    hosts = ctx.hosts(ctx.registry_host)
+
+    def put(h):
+        for p, (content, mode) in files.items():
+            h.put_file(p, content, mode=_secret_mode(ctx, h) if mode == 0o600 else mode, secret=mode == 0o600)
+        if ctx.storage == "filesystem" and ctx.runtime == "docker":
+            h.run(cmd("test -d {d} || mkdir -p {d}", d=f"{ctx.remote_dir}/data"),
+                  changed=not h.exists(f"{ctx.remote_dir}/data"))
+    journal.parallel(put, hosts)
+    for p, (content, mode) in files.items():
+        steps.row(file=p, mode=f"{mode:o}", bytes=len(content), sha256=hashlib.sha256(content).hexdigest()[:12])
+    return config_hash(ctx)
+
+
+class MaskedConfig:
+    """config.yml as a reader may see it: every secret shown as ****."""
+
+    def __init__(self, text: str, path: str):
+        self.text, self.path = masking.mask(text), path
+
+    def __repr__(self):
+        return f"# {self.path}\n{self.text}"
+
+    def _repr_html_(self):
+        out = []
+        for line in self.text.splitlines():
+            e = html.escape(line)
+            if line.lstrip().startswith("#"):
+                e = f"<span style='color:#6e7781'>{e}</span>"
+            else:
+                e = re.sub(r"^(\s*-?\s*)([\w.-]+):", r"\1<span style='color:#0550ae'>\2</span>:", e)
+                e = e.replace(masking.MASK, "<span style='background:#ffebe9;color:#cf222e;font-weight:bold'>"
+                              f"{masking.MASK}</span>")
+            out.append(e)
+        return (f"<div><b>{html.escape(self.path)}</b> <span style='color:#6e7781'>(mode 600; secrets masked)</span>"
+                f"<pre style='background:#f6f8fa;padding:6px;border-radius:4px'>{chr(10).join(out)}</pre></div>")
+
+
+def show_config(ctx) -> MaskedConfig:
+    """The config.yml that is deployed, masked."""
+    cfg = _state(ctx).get("config") or _config_for(ctx)
+    path = f"{ctx.remote_dir}/config.yml" if ctx.runtime == "docker" else SYSTEMD_CONFIG
+    return MaskedConfig(to_yaml(cfg), path)
+
+
+def docker_run_argv(ctx, digest: str) -> list[str]:
+    """The document's docker run, with --network host (the lab's dockerd runs with
+    --bridge=none, where -p is silently ignored) and a label holding the config hash."""
+    rd = ctx.remote_dir
+    a = ["docker", "run", "-d", "--name", CONTAINER_NAME, "--restart", "always", "--network", "host",
+         "--label", f"{LABEL}={digest}",
+         "-v", f"{rd}/auth:/auth", "-v", f"{rd}/certs:/certs",
+         "-v", f"{rd}/config.yml:/etc/docker/registry/config.yml"]
+    if ctx.storage == "filesystem":
+        a += ["-v", f"{rd}/data:/var/lib/registry"]  # survives the container being replaced
+    return a + [ctx.image]
+
+
+def _docker_state(h) -> tuple[str | None, bool]:
+    """(config hash label, running) of our container, (None, False) when absent."""
+    r = h.run(cmd("docker inspect --format {f} {n}", f="{{index .Config.Labels \"" + LABEL + "\"}} {{.State.Running}}",
+                  n=CONTAINER_NAME), read=True, check=False)
+    if r.exit_code != 0:
+        return None, False
+    parts = r.stdout.split()
+    return (parts[0] if len(parts) == 2 else ""), parts[-1] == "true"
+
+
+def _daemon_state(h) -> tuple[str | None, bool]:
+    """(config hash, running) of the registry we run without systemd (pidfile)."""
+    r = h.run(cmd("cat {h} 2>/dev/null; echo; pid=$(cat {p} 2>/dev/null) && kill -0 \"$pid\" 2>/dev/null "
+                  "&& tr '\\0' ' ' < /proc/$pid/cmdline | grep -q docker-registry && echo running",
+                  h=HASHFILE, p=PIDFILE), read=True, check=False)
+    lines = r.stdout.splitlines()
+    return (lines[0].strip() or None) if lines else None, "running" in r.stdout
+
+
+def _stop_daemon(h):
+    h.run(cmd("pid=$(cat {p}) && kill \"$pid\"; for i in $(seq 50); do kill -0 \"$pid\" 2>/dev/null || break; "
+              "sleep 0.1; done; rm -f {p} {h}", p=PIDFILE, h=HASHFILE), check=False)
+
+
+def _start_daemon(h, config: str, digest: str):
+    inner = f"echo $$ > {PIDFILE}; exec {SYSTEMD_BIN} serve {config}"
+    h.run(cmd("cd / && env -u AWS_CA_BUNDLE setsid -f /bin/sh -c {inner} >> {log} 2>&1 < /dev/null && "
+              "echo {d} > {hf}", inner=inner, log=LOGFILE, d=digest, hf=HASHFILE))
+
+
+@step("Start the registry ({ctx.runtime}) on every registry host")
+def start(ctx):
+    """Idempotent: same config and running -> ok; config changed -> replaced/restarted."""
+    digest = config_hash(ctx)
+    rt = ctx.runtime
+    hosts = ctx.hosts(ctx.registry_host)
+
+    def one(h):
+        if rt == "docker":
+            _stop_other_daemon(h)
+            label, running = _docker_state(h)
+            if label == digest and running:
+                return {"host": h.name, "state": "running, config unchanged"}
+            if label == digest:
+                h.run(cmd("docker start {n}", n=CONTAINER_NAME))
+                return {"host": h.name, "state": "started (was stopped)"}
+            if label is not None:
+                h.run(cmd("docker rm -f {n}", n=CONTAINER_NAME))
+            h.run(docker_run_argv(ctx, digest))
+            return {"host": h.name, "state": "replaced (config changed)" if label is not None else "created"}
+        # runtime systemd
+        if h.test(cmd("docker inspect {n} >/dev/null 2>&1", n=CONTAINER_NAME)):
+            h.run(cmd("docker rm -f {n}", n=CONTAINER_NAME))
+        if not h.test(cmd("test -x {b}", b=SYSTEMD_BIN)):
+            h.run(cmd("DEBIAN_FRONTEND=noninteractive apt-get install -y docker-registry"))
+        if h.has_systemd():
+            return _start_systemd(ctx, h, digest)
+        old, running = _daemon_state(h)
+        if old == digest and running:
+            return {"host": h.name, "state": "running, config unchanged (pidfile)"}
+        if running:
+            _stop_daemon(h)
+        _start_daemon(h, SYSTEMD_CONFIG, digest)
+        return {"host": h.name, "state": "restarted (config changed)" if running else "started (no systemd: pidfile)"}
+
+    for r in journal.parallel(one, hosts):
+        steps.row(**r)
+    if not ctx.dry_run:
+        wait_ready(ctx)
+    steps.fact("config sha256", digest[:16])
+    return digest
+
+
+def _stop_other_daemon(h):
+    old, running = _daemon_state(h)
+    if running:
+        _stop_daemon(h)
+    if h.has_systemd() and h.test(cmd("systemctl is-active --quiet docker-registry")):
+        h.run(cmd("systemctl disable --now docker-registry"))
+
+
+def _start_systemd(ctx, h, digest):
+    unit = render_unit()
+    h.put_file(UNIT_PATH, unit, mode=0o644)
+    # the unit runs as docker-registry: it reads the 0640 files through its group
+    for p in (SYSTEMD_CONFIG, f"{ctx.remote_dir}/auth/htpasswd", f"{ctx.remote_dir}/certs/registry-key.pem"):
+        if not h.test(cmd("test \"$(stat -c %G {p})\" = docker-registry", p=p)):
+            h.run(cmd("chgrp docker-registry {p}", p=p))
+    old = h.run(cmd("cat {f} 2>/dev/null || true", f=HASHFILE), read=True).stdout.strip()
+    active = h.test(cmd("systemctl is-active --quiet docker-registry"))
+    if old == digest and active:
+        return {"host": h.name, "state": "active, config unchanged"}
+    h.run(cmd("systemctl daemon-reload && systemctl enable docker-registry && systemctl restart docker-registry "
+              "&& echo {d} > {f}", d=digest, f=HASHFILE))
+    return {"host": h.name, "state": "restarted (systemd)"}
+
+
+def wait_ready(ctx, timeout: float = READY_TIMEOUT):
+    """Until /v2/ answers 401 (TLS up, auth on) on every host."""
+    s = session(ctx, auth=False)
+    for host in P.as_list(ctx.registry_host):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                r = s.get(url(ctx, host) + "/v2/", timeout=3)
+                if r.status_code in (401, 200):
+                    break
+                last = f"HTTP {r.status_code}"
+            except Exception as e:  # noqa: BLE001 - anything until it answers
+                last = type(e).__name__
+            if time.monotonic() > deadline:
+                raise RegistryError(f"{host}: the registry did not answer on {url(ctx, host)}/v2/ within "
+                                    f"{timeout:.0f}s (last: {last})",
+                                    "look at `docker logs registry` (or /var/log/docker-registry.log) on that host")
+            time.sleep(0.2)
+
+
+def deploy(ctx):
+    """All steps in order (deploy.ipynb, tests)."""
+    out = [preflight(ctx), bucket(ctx), htpasswd(ctx), configure(ctx), start(ctx)]
+    return out
+
+
+# -------------------------------------------------------------------- verification
+def probe(ctx, host: str) -> dict:
+    """What the registry on one host answers (no secrets)."""
+    anon, auth = session(ctx, auth=False), session(ctx)
+    u = url(ctx, host) + "/v2/"
+    out = {}
+    r, err = _http(anon, "GET", u, host)
+    out["anonymous"] = r.status_code if r is not None else err
+    out["www_authenticate"] = (r.headers.get("WWW-Authenticate", "") if r is not None else "")
+    r, err = _http(auth, "GET", u, host)
+    out["with_credentials"] = r.status_code if r is not None else err
+    # /v2/ answers 200 before the first storage health check: _catalog really lists the storage
+    r, err = _http(auth, "GET", u + "_catalog?n=1", host)
+    out["storage"] = r.status_code if r is not None else err
+    bad = session(ctx, auth=False)
+    bad.auth = (ctx.registry_user, "not-the-password")
+    r, err = _http(bad, "GET", u, host)
+    out["wrong_password"] = r.status_code if r is not None else err
+    plain = session(ctx, auth=False)
+    r, err = _http(plain, "GET", u.replace("https://", "http://"), host)
+    # Go's TLS server answers plain HTTP with 400 "Client sent an HTTP request to an HTTPS server"
+    out["plain_http"] = "refused" if (r is None or r.status_code == 400) else f"HTTP {r.status_code}"
+    return out
+
+
+def check(ctx):
+    """Verdict: every host answers /v2/ 401 without credentials (Basic), 200 with them
+    (storage healthy: a failing storage driver makes it 503), and refuses plain HTTP."""
+    if ctx.dry_run:
+        ctx.verdict(True, "dry run: nothing deployed")
+        return
+    bad, facts = [], {}
+    for host in P.as_list(ctx.registry_host):
+        p = probe(ctx, host)
+        okh = (p["anonymous"] == 401 and p["www_authenticate"].startswith("Basic")
+               and p["with_credentials"] == 200 and p["wrong_password"] == 401 and p["plain_http"] == "refused"
+               and p["storage"] == 200)
+        facts[url(ctx, host)] = (f"{p['anonymous']} without credentials (Basic), {p['with_credentials']} with, "
+                                 f"{p['wrong_password']} with a wrong password, plain http {p['plain_http']}, "
+                                 f"storage listing {p['storage']}")
+        if not okh:
+            bad.append(f"{host}: {p}")
+    facts["storage"] = ctx.storage
+    facts["runtime"] = ctx.runtime
+    if bad:
+        ctx.verdict(False, "registry not healthy: " + "; ".join(bad),
+                           hint="503 with credentials = storage health failing (see 07-faq)", **facts)
+    ctx.verdict(True, f"registry answers with TLS + basic auth on {len(facts) - 2} host(s)", **facts)
