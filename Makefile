@@ -33,6 +33,9 @@ lab-status: venv
 demo: lab-up
 	$(VENV)/bin/runbook deploy -f $(PARAMS)
 
+# One state dir (CA, registry password) for pytest and nbval: nbval's notebooks then talk
+# to the deployment the tests left on the lab.
+test: export RUNBOOK_STATE_DIR ?= $(CURDIR)/.test-state
 test: lab-up
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 	$(VENV)/bin/pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks/

@@ -29,12 +29,22 @@ def runs_dir(tmp_path_factory):
     return pathlib.Path(os.environ["RUNBOOK_RUNS_DIR"])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def state_dir(tmp_path_factory):
-    """One control-node state dir for the whole test session (secrets 0600, CA)."""
-    d = tmp_path_factory.mktemp("state")
-    os.environ["RUNBOOK_STATE_DIR"] = str(d)
+    """One control-node state dir for the whole test session (secrets 0600, CA).
+
+    `make test` sets RUNBOOK_STATE_DIR so that nbval, run after pytest, sees the same
+    CA and registry password as the deployment the tests left on the lab."""
+    if not os.environ.get("RUNBOOK_STATE_DIR"):
+        os.environ["RUNBOOK_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    d = pathlib.Path(os.environ["RUNBOOK_STATE_DIR"])
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that restart the whole lab run last, so they don't wipe what others deployed."""
+    items.sort(key=lambda item: 1 if item.get_closest_marker("lab_restart") else 0)
 
 
 @pytest.fixture
