@@ -275,22 +275,32 @@ def _rgw_url(ctx) -> str:
 def credentials(ctx) -> dict:
     """RGW credentials for the chosen storage, from the accounts module (registered as secrets)."""
     st = _state(ctx)
-    if "creds" in st:
-        return st["creds"]
-    storage = ctx.storage
-    creds = {}
-    if storage in ("swift", "s3"):
-        from . import accounts
-        if storage == "swift":
+    if "creds" not in st:
+        st["creds"] = _read_credentials(ctx)
+    return st["creds"]
+
+
+def _read_credentials(ctx) -> dict:
+    from . import accounts
+    try:
+        if ctx.storage == "swift":
             user, key = accounts.swift_credentials(ctx)
-            masking.register(key)
-            creds = {"swift_user": user, "swift_key": key}
-        else:
+            return {"swift_user": user, "swift_key": masking.register(key)}
+        if ctx.storage == "s3":
             access, secret = accounts.s3_credentials(ctx)
-            masking.register(secret)
-            creds = {"s3_access": access, "s3_secret": secret}
-    st["creds"] = creds
-    return creds
+            return {"s3_access": access, "s3_secret": masking.register(secret)}
+        return {}
+    except accounts.AccountError:
+        if not ctx.dry_run:
+            raise
+        # A dry-run deploy previews 04 before 02 has really created the account:
+        # show the plan with placeholders instead of failing.
+        steps.note("dry-run: the RGW account does not exist yet (02-accounts would create it); "
+                   "its keys are shown as placeholders")
+        shown = ({"swift_user": f"{ctx.uid}:swift", "swift_key": "<swift key from 02-accounts>"}
+                 if ctx.storage == "swift" else
+                 {"s3_access": "<access key from 02-accounts>", "s3_secret": "<secret key from 02-accounts>"})
+        return {**shown, "placeholder": True}
 
 
 def _config_for(ctx) -> dict:
@@ -300,7 +310,8 @@ def _config_for(ctx) -> dict:
     return render_config(ctx.storage, port=ctx.registry_port, http_secret=http_secret,
                          htpasswd_path=pa["htpasswd"], cert_path=pa["cert"], key_path=pa["key"],
                          rgw_url=_rgw_url(ctx), container=_p(ctx, "container", "registry"),
-                         rootdirectory=pa["root"], **credentials(ctx))
+                         rootdirectory=pa["root"],
+                         **{k: v for k, v in credentials(ctx).items() if k != "placeholder"})
 
 
 def _listeners(h, port) -> list[tuple[str, str]]:
@@ -340,10 +351,16 @@ def preflight(ctx) -> dict:
     if problems:
         raise ParameterError(problems)
     cert_problems = certs.verify(ctx)
+    if cert_problems and ctx.dry_run and not os.path.exists(certs.cert_path(ctx)):
+        # A dry-run deploy: 03-certs only said it would issue the certificate.
+        steps.note("dry-run: no certificate yet (03-certs would issue it); shown as a placeholder")
+        _state(ctx)["cert_placeholder"] = True
+        cert_problems = []
     if cert_problems:
         raise RegistryError("the registry certificate is not usable: " + "; ".join(cert_problems),
                             "run notebooks/03-certs.ipynb with the same registry_host and state_dir")
-    steps.fact("certificate", "chain valid, SANs cover " + ", ".join(P.as_list(ctx.registry_host)))
+    if not _state(ctx).get("cert_placeholder"):
+        steps.fact("certificate", "chain valid, SANs cover " + ", ".join(P.as_list(ctx.registry_host)))
     hosts = ctx.hosts(ctx.registry_host)
     creds = credentials(ctx)
 
@@ -389,6 +406,9 @@ def _storage_probe(ctx, h, creds) -> list[str]:
     """Try the RGW credentials from the registry host (the registry's own network path)."""
     storage = ctx.storage
     base = _rgw_url(ctx)
+    if creds.get("placeholder"):
+        steps.row(host=h.name, probe="RGW credentials", answer="not yet created (dry-run)")
+        return []
     if storage == "swift":
         conf = _curl_conf(url=f"{base}/auth/v1", header=[f"X-Auth-User: {creds['swift_user']}",
                                                            f"X-Auth-Key: {creds['swift_key']}"])
@@ -432,6 +452,9 @@ def bucket(ctx):
         steps.note(f"storage={ctx.storage}: nothing to do")
         return None
     creds = credentials(ctx)
+    if creds.get("placeholder"):
+        steps.mark_changed(f"dry-run: would create bucket {ctx.container} once 02-accounts made the S3 keys")
+        return None
     h = ctx.host(P.as_list(ctx.registry_host)[0])
     code = _s3(h, ctx, creds, "HEAD")
     if code == "200":
@@ -529,7 +552,10 @@ def _files(ctx) -> dict:
     st = _state(ctx)
     cfg = st.get("config") or _config_for(ctx)
     rd, rt = ctx.remote_dir, ctx.runtime
-    cert, key = certs.load_server(ctx)
+    if st.get("cert_placeholder"):
+        cert, key = b"<certificate from 03-certs>", b"<key from 03-certs>"
+    else:
+        cert, key = certs.load_server(ctx)
     cfg_path = f"{rd}/config.yml" if rt == "docker" else SYSTEMD_CONFIG
     return {f"{rd}/certs/registry.pem": (cert, 0o644), f"{rd}/certs/registry-key.pem": (key, 0o600),
             cfg_path: (to_yaml(cfg).encode(), 0o600)}
