@@ -8,6 +8,8 @@ Layout (all state in /var/lib/runbook-lab, whatever folder this runs from):
 
     control node   root namespaces, 198.18.0.1 on bridge rblab0; its own dockerd on
                    /var/run/docker.sock (data root /var/lib/runbook-lab/control/docker)
+                   with `registry:2` and `busybox:latest` (images to push); it does NOT
+                   resolve the lab's host names (its /etc/hosts is left alone): use addresses
     ceph1          198.18.0.2  netns rbl-ceph1: sshd + single-node Ceph pacific (cephx;
                    mon a, mgr x, memstore osd.0); `ceph -s` works there with no flags
     registry1      198.18.0.3  netns rbl-registry1: sshd + dockerd (/var/run/docker.sock
@@ -17,7 +19,8 @@ Each host is `ip netns exec rbl-NAME unshare --uts --mount --propagation private
 hostname, its own /etc/hosts (all lab hosts), and private tmpfs mounts on PRIVATE_DIRS; its
 long-lived process is `sshd -D -e -f CFG` (root login with SSH_KEY only; host key pinned in
 KNOWN_HOSTS under the address and the hostname).  `host_exec()` runs a command in a host's
-namespaces with nsenter, without ssh.
+namespaces with nsenter, without ssh.  Hosts share the PID namespace: `ps`/`pkill` in a host
+see every process of the machine (use pidfiles).
 
 `down` keeps /var/lib/runbook-lab/ssh (the client key and the hosts' keys, so KNOWN_HOSTS stays
 valid across restarts); `down --purge` removes it too.  Everything else goes: processes,
@@ -45,11 +48,13 @@ import time
 from pathlib import Path
 
 from . import _lab_ceph, _lab_image
-from ._lab_proc import CLEAN_ENV, LabError, alive, descendants, kill_all, processes, read_proc, run, umount_all, wait_for
+from ._lab_proc import (CLEAN_ENV, LabError, alive, descendants, kill_all, mounts_under, processes, read_proc, run,
+                        umount_all, wait_for)
 
 __all__ = ["LAB_DIR", "RUN_DIR", "SSH_DIR", "SSH_KEY", "KNOWN_HOSTS", "HOSTS", "CONTROL_ADDR", "BRIDGE",
            "NETWORK", "PRIVATE_DIRS", "PACKAGES", "LabError", "up", "down", "status", "host_exec",
-           "host_path", "host_pid", "add_host", "remove_host", "hosts", "ssh_argv", "lab_processes", "main"]
+           "host_path", "host_pid", "add_host", "remove_host", "hosts", "ssh_argv", "lab_processes",
+           "ensure_packages", "CONTROL_NAME", "REGISTRY_IMAGE", "DOCKER_SOCK", "main"]
 
 # ------------------------------------------------------------------ contract
 
@@ -91,13 +96,15 @@ PACKAGES = ["ceph-mon", "ceph-osd", "ceph-mgr", "radosgw", "ceph-common", "docke
 _DAEMON_COMMS = {"sshd", "dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2", "runc",
                  "ceph-mon", "ceph-mgr", "ceph-osd", "radosgw", "docker-registry", "registry"}
 
-_out = sys.stdout
 _print_lock = threading.Lock()
 
 
 def _log(msg: str):
     with _print_lock:
-        print(f"[lab] {msg}", file=_out, flush=True)
+        try:
+            print(f"[lab] {msg}", file=sys.stdout, flush=True)
+        except (OSError, ValueError):  # closed/broken stdout must not break the lab
+            pass
 
 
 @contextlib.contextmanager
@@ -346,9 +353,21 @@ def _ensure_keys(names):
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{n}", "-f", k])
 
 
+def _mac(addr: str, kind: int) -> str:
+    """A fixed, locally administered MAC derived from an address: a host re-created at the same
+    address keeps its MAC, so ARP caches on the bridge and in the other hosts stay right."""
+    return ":".join(f"{b:02x}" for b in (0x02, kind, *ipaddress.ip_address(addr).packed))
+
+
 def _bridge_up():
+    for line in run(["ip", "-o", "-4", "addr", "show"]).stdout.splitlines():
+        f = line.split()
+        if len(f) > 3 and f[1] != BRIDGE and ipaddress.ip_interface(f[3]).network.overlaps(NETWORK):
+            raise LabError(f"interface {f[1]} already holds {f[3]}, inside the lab network {NETWORK}: "
+                           f"remove it first (ip link del {f[1]})")
     if not Path(f"/sys/class/net/{BRIDGE}").exists():
-        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+        # a fixed MAC: a bridge otherwise takes its lowest port's MAC, which changes as hosts come and go
+        run(["ip", "link", "add", BRIDGE, "address", _mac(CONTROL_ADDR, 0), "type", "bridge"])
         run(["ip", "addr", "add", f"{CONTROL_ADDR}/{NETWORK.prefixlen}", "dev", BRIDGE])
     run(["ip", "link", "set", BRIDGE, "up"])
 
@@ -392,7 +411,9 @@ def _start_host(name: str, addr: str, docker: bool = False, ceph: bool = False, 
     _write_etc_hosts()
     ns, veth = _ns(name), _veth(name)
     run(["ip", "netns", "add", ns])
-    run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+    run(["ip", "link", "add", veth, "address", _mac(addr, 1), "type", "veth",
+         "peer", "name", "eth0", "address", _mac(addr, 0), "netns", ns])
+    run(["ip", "neigh", "flush", "to", addr, "dev", BRIDGE], check=False)
     run(["ip", "link", "set", veth, "master", BRIDGE, "up"])
     run(["ip", "-n", ns, "addr", "add", f"{addr}/{NETWORK.prefixlen}", "dev", "eth0"])
     run(["ip", "-n", ns, "link", "set", "eth0", "up"])
@@ -585,6 +606,8 @@ def _teardown(keep_ssh: bool = True) -> dict:
         run(["ip", "netns", "del", ns])
     if BRIDGE in _links():
         run(["ip", "link", "del", BRIDGE])
+    if os.path.isdir("/run/netns") and not os.listdir("/run/netns") and mounts_under(["/run/netns"]):
+        run(["umount", "/run/netns"], check=False)  # iproute2's own bind mount, when no netns is left
     mounts = umount_all([str(LAB_DIR), str(RUN_DIR)])
     # state
     if LAB_DIR.exists():
@@ -652,6 +675,8 @@ def _check_host(name: str, meta: dict) -> dict:
     except LabError as e:
         r["error"] = str(e)
     try:
+        if not r["running"]:  # no sshd: with the bridge gone, ssh would wait for its ConnectTimeout
+            raise LabError("host not running")
         cp = run(ssh_argv(meta["addr"], "hostname"), check=False, timeout=15)
         r["hostname"] = cp.stdout.strip() or None
         r["ssh"] = cp.returncode == 0 and r["hostname"] == name
@@ -663,16 +688,22 @@ def _check_host(name: str, meta: dict) -> dict:
     if meta.get("ceph"):
         r["ceph_health"] = None
         if r["running"]:
-            cp = host_exec(name, ["ceph", "--connect-timeout", "5", "health"], check=False, timeout=20)
-            r["ceph_health"] = (cp.stdout.strip() or cp.stderr.strip()[-300:]) or None
+            try:
+                cp = host_exec(name, ["ceph", "--connect-timeout", "5", "health"], check=False, timeout=20)
+                r["ceph_health"] = (cp.stdout.strip() or cp.stderr.strip()[-300:]) or None
+            except LabError as e:
+                r["ceph_health"] = str(e)[-300:]
         ok = ok and r["ceph_health"] == "HEALTH_OK"
     if meta.get("docker"):
         r["docker"] = r["registry_image"] = False
         if r["running"]:
-            cp = host_exec(name, ["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
-                           check=False, timeout=20)
-            r["docker"] = cp.returncode == 0
-            r["registry_image"] = REGISTRY_IMAGE in cp.stdout.split()
+            try:
+                cp = host_exec(name, ["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+                               check=False, timeout=20)
+                r["docker"] = cp.returncode == 0
+                r["registry_image"] = REGISTRY_IMAGE in cp.stdout.split()
+            except LabError as e:
+                r["docker_error"] = str(e)[-300:]
         ok = ok and r["docker"] and r["registry_image"]
     r["ok"] = bool(ok)
     return r
@@ -706,6 +737,39 @@ def status() -> dict:
             "rss_mb": round(sum(table[p].rss for p in pids if p in table) / 2**20, 1)}
 
 
+def _problems(st: dict) -> list[str]:
+    out = []
+    for n, h in st["hosts"].items():
+        if not h["running"]:
+            out.append(f"{n} not running")
+            continue
+        if not h["ssh"]:
+            out.append(f"{n} ssh: {h.get('ssh_error') or h.get('hostname')}")
+        if "ceph_health" in h and h["ceph_health"] != "HEALTH_OK":
+            out.append(f"{n} ceph: {h['ceph_health']}")
+        if "docker" in h and not (h["docker"] and h["registry_image"]):
+            out.append(f"{n} docker: {'no ' + REGISTRY_IMAGE if h['docker'] else 'not answering'}")
+    c = st["control"]
+    if not c["ok"]:
+        out.append("control: " + ", ".join(k for k in ("bridge", "docker") if not c[k]) + " down")
+    return out
+
+
+def _settled_status(grace: float = 10.0) -> dict:
+    """status(), but when everything runs and only Ceph is not HEALTH_OK (a pool being created by a
+    notebook peers for a second), give Ceph `grace` seconds to settle before calling it unhealthy."""
+    st = status()
+    only_ceph = not st["ok"] and all(p.split(" ", 2)[1] == "ceph:" for p in _problems(st))
+    if only_ceph:
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            st = status()
+            if st["ok"]:
+                break
+    return st
+
+
 def _looks_up() -> bool:
     return all((_host_dir(n) / "pid").exists() for n in HOSTS) and (CONTROL_DIR / "pid").exists()
 
@@ -721,11 +785,11 @@ def up() -> dict:
             ensure_packages()
         if _looks_up():
             with _step("check running lab"):
-                st = status()
+                st = _settled_status()
             if st["ok"]:
                 _log(f"lab already up and healthy; nothing changed ({time.monotonic() - t0:.2f} s)")
                 return st
-            _log("lab is not healthy: rebuilding it")
+            _log("lab is not healthy (" + "; ".join(_problems(st)) + "): rebuilding it")
         with _step("clear earlier lab"):
             _teardown(keep_ssh=True)
         with _step("ssh keys"):
@@ -800,12 +864,15 @@ def add_host(name: str, addr: str, docker: bool = False) -> str:
             raise LabError("the lab is not up (python -m runbook_lib.lab up)")
         current = hosts()
         if name in current:
-            m = _meta(name)
-            if current[name] == addr and bool(m.get("docker")) == bool(docker):
-                with contextlib.suppress(LabError):
-                    host_pid(name)
+            try:
+                host_pid(name)
+            except LabError:  # a dead leftover of this host: replace it
+                remove_host(name)
+                current = hosts()
+            else:
+                if current[name] == addr and bool(_meta(name).get("docker")) == bool(docker):
                     return addr
-            raise LabError(f"lab host {name} already exists ({current[name]}); remove_host() it first")
+                raise LabError(f"lab host {name} already exists ({current[name]}); remove_host() it first")
         if addr in current.values():
             raise LabError(f"address {addr} is already used by {[n for n, a in current.items() if a == addr][0]}")
         t0 = time.monotonic()
@@ -840,8 +907,8 @@ def remove_host(name: str):
                 inos.add(table[pid].netns)
                 mnt.add(table[pid].mntns)
         me = read_proc(os.getpid())
-        inos.discard(me.netns)
-        mnt.discard(me.mntns)
+        inos -= {me.netns, None}   # None: a zombie's namespaces cannot be read; never match on that
+        mnt -= {me.mntns, None}
         pids = {p.pid for p in table.values() if p.netns in inos or p.mntns in mnt}
         kill_all(descendants(pids, table), what=f"processes of {name}")
         if _veth(name) in _links():
