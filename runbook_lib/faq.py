@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import masking, params as P
+from . import rgw as _rgw
 from .errors import RunbookError
 from .host import Command, cmd
 from .steps import fact, mark_changed, note, row, step
@@ -124,25 +125,13 @@ def raised_limit(budget: dict, floor: int = RAISED_LIMIT) -> int:
     return max(floor, int(math.ceil(need / 50.0) * 50))
 
 
-def _norm(k: str) -> str:
-    return re.sub(r"[\s_-]+", " ", k.strip().lower())
-
-
 def conf_sets(text: str, key: str = LIMIT_KEY, sections=("global", "mon", "osd")) -> dict:
     """{section: value} where ceph.conf text sets key (any spelling: spaces, _ or -)."""
-    out, cur = {}, None
-    for line in (text or "").splitlines():
-        s = line.strip()
-        if not s or s[0] in "#;":
-            continue
-        m = re.match(r"^\[(.+)\]$", s)
-        if m:
-            cur = m.group(1).strip()
-            continue
-        if cur in sections and "=" in s:
-            k, _, v = s.partition("=")
-            if _norm(k) == _norm(key):
-                out[cur] = v.split("#")[0].split(";")[0].strip()
+    out = {}
+    for sec in sections:
+        v = (_rgw.conf_section(text or "", sec) or {}).get(_rgw.norm_key(key))
+        if v is not None:
+            out[sec] = v.split("#")[0].split(";")[0].strip()
     return out
 
 
@@ -155,7 +144,7 @@ def set_conf_value(text: str, sections, key: str, value) -> str:
         m = re.match(r"^\[(.+)\]$", s)
         if m:
             cur = m.group(1).strip()
-        elif cur in sections and "=" in s and s[0] not in "#;" and _norm(s.partition("=")[0]) == _norm(key):
+        elif cur in sections and "=" in s and s[0] not in "#;" and _rgw.norm_key(s.partition("=")[0]) == _rgw.norm_key(key):
             indent = line[:len(line) - len(line.lstrip())]
             line = f"{indent}{key} = {value}"
         out.append(line)

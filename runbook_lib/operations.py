@@ -1098,23 +1098,8 @@ def _start(ctx, dep: Deployment, h, state: dict):
 
 def wait_ready(ctx, timeout: float = 30.0):
     """Until /v2/ answers 200 with credentials (storage healthy) on every registry host."""
-    c = client(ctx)
-    for host in _registry_hosts(ctx):
-        from . import registry
-        u = registry.url(ctx, host) + "/v2/"
-        deadline, last = time.monotonic() + timeout, ""
-        while True:
-            try:
-                r = c.session.get(u, timeout=3)
-                if r.status_code == 200:
-                    break
-                last = f"HTTP {r.status_code}"
-            except Exception as e:  # noqa: BLE001 - anything until it answers
-                last = type(e).__name__
-            if time.monotonic() > deadline:
-                raise RunbookError(f"{host}: the registry did not come back on {u} within {timeout:.0f}s "
-                                   f"(last: {last})", "look at `docker logs registry` on that host and start it")
-            time.sleep(0.2)
+    from . import registry
+    registry.wait_ready(ctx, timeout, healthy=True)
 
 
 @steps.step("Garbage collection (registry stopped, then restarted)")

@@ -729,15 +729,17 @@ def _start_systemd(ctx, h, digest):
     return {"host": h.name, "state": "restarted (systemd)"}
 
 
-def wait_ready(ctx, timeout: float = READY_TIMEOUT):
-    """Until /v2/ answers 401 (TLS up, auth on) on every host."""
-    s = session(ctx, auth=False)
+def wait_ready(ctx, timeout: float = READY_TIMEOUT, healthy: bool = False):
+    """Until /v2/ answers on every host: 401 (TLS up, auth on), or with healthy=True
+    200 with credentials (the storage health check passes too)."""
+    s = session(ctx, auth=healthy)
+    want = (200,) if healthy else (401, 200)
     for host in P.as_list(ctx.registry_host):
-        deadline = time.monotonic() + timeout
+        deadline, last = time.monotonic() + timeout, ""
         while True:
             try:
                 r = s.get(url(ctx, host) + "/v2/", timeout=3)
-                if r.status_code in (401, 200):
+                if r.status_code in want:
                     break
                 last = f"HTTP {r.status_code}"
             except Exception as e:  # noqa: BLE001 - anything until it answers

@@ -63,7 +63,7 @@ def conf_entries(did: str, host: str, port: int) -> dict:
     return {"rgw frontends": frontend(host, port), "keyring": p["keyring"], "log file": p["log"]}
 
 
-def _norm_key(k: str) -> str:
+def norm_key(k: str) -> str:
     # ceph.conf treats "rgw frontends", "rgw_frontends" and "rgw-frontends" alike.
     return re.sub(r"[\s_-]+", " ", k.strip().lower())
 
@@ -82,7 +82,7 @@ def conf_section(text: str, section: str) -> dict | None:
             continue
         if cur == section and "=" in s:
             k, _, v = s.partition("=")
-            out[_norm_key(k)] = v.strip()
+            out[norm_key(k)] = v.strip()
     return out if found else None
 
 
@@ -107,7 +107,7 @@ def conf_matches(text: str, section: str, entries: dict) -> bool:
     have = conf_section(text, section)
     if have is None:
         return False
-    return all(have.get(_norm_key(k)) == v for k, v in entries.items())
+    return all(have.get(norm_key(k)) == v for k, v in entries.items())
 
 
 def deploy_commands(method: str, host: str, did: str, port: int = DEFAULT_PORT) -> list[Command]:

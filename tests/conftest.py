@@ -45,6 +45,10 @@ def state_dir(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """Tests that restart the whole lab run last, so they don't wipe what others deployed."""
     items.sort(key=lambda item: 1 if item.get_closest_marker("lab_restart") else 0)
+    # Anything that uses the lab is a lab test (so `-m "not lab"` really runs without it).
+    for item in items:
+        if "lab" in getattr(item, "fixturenames", ()) or "run_notebook" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.lab)
 
 
 @pytest.fixture
