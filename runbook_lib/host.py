@@ -231,6 +231,9 @@ class SSHHost(Host):
         except paramiko.BadHostKeyException:
             raise HostKeyError(self.name, self.known_hosts, "changed") from None
         except paramiko.AuthenticationException as e:
+            if "transport shut down" in str(e) or "saw EOF" in str(e):  # the connection dropped, not a bad key
+                raise HostUnreachable(self.name, f"SSH connection lost during login on port {self.port}: {e}",
+                                      "check that sshd runs on the host, then run again") from None
             raise HostAuthError(self.name, f"SSH authentication failed as {self.user}: {e}",
                                 "check ssh_user and ssh_key, and that the key is in the host's authorized_keys") from None
         except paramiko.SSHException as e:
@@ -264,6 +267,10 @@ class SSHHost(Host):
                 self._conn = None
                 raise HostUnreachable(self.name, f"connection lost while running a command: {e}") from None
             raise
+        if r.exited == -1:  # paramiko: the channel closed without an exit status (sshd session gone)
+            self._conn = None
+            raise HostUnreachable(self.name, "connection lost while running a command (no exit status): "
+                                  f"{command[:200]}", "check that sshd runs on the host, then run again")
         return r.exited, r.stdout, r.stderr
 
     def close(self):

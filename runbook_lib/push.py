@@ -348,7 +348,11 @@ def registry_digest(ctx) -> tuple[str | None, dict | None]:
     if r.status_code == 404:
         return None, None
     if r.status_code != 200:
-        raise RunbookError(f"GET manifest {repo}:{tag}: HTTP {r.status_code} {r.text[:300]}")
+        # a 5xx naming a storage driver: the registry cannot reach its storage (RGW down?) - say so
+        why = (" — the registry's storage driver failed" + (" (it cannot connect to its storage: is RGW down?)"
+               if '"dial"' in r.text else "")) if r.status_code >= 500 and '"DriverName"' in r.text else ""
+        raise RunbookError(f"GET manifest {repo}:{tag}: HTTP {r.status_code}{why} {r.text[:300]}",
+                           "see 07-faq (503: storage health) and `docker logs registry`" if why else None)
     try:
         body = r.json()
     except ValueError:
