@@ -417,7 +417,7 @@ def _storage_probe(ctx, h, creds) -> list[str]:
         code = r.stdout.strip()
         steps.row(host=h.name, probe=f"swift auth v1 as {creds['swift_user']}", answer=code)
         if code in ("200", "204"):
-            return []
+            return _swift_container_owner(ctx, creds)
         if code in ("000", ""):
             return [f"rgw_host: {base} does not answer from {h.name} (curl exit {r.exit_code})"]
         return [f"swift_subuser: RGW refused swift auth for {creds['swift_user']!r} from {h.name} "
@@ -432,6 +432,19 @@ def _storage_probe(ctx, h, creds) -> list[str]:
             return [f"rgw_host: {base} does not answer from {h.name}"]
         return [f"uid: RGW refused the S3 keys of {ctx.uid!r} from {h.name} (HTTP {code}): wrong access/secret key, "
                 "or the bucket belongs to another user; run notebooks/02-accounts.ipynb"]
+    return []
+
+
+def _swift_container_owner(ctx, creds) -> list[str]:
+    """Container names are global in RGW: one owned by another user makes every registry
+    write fail with 'Operation forbidden' (a crash-looping registry, then a timeout)."""
+    from . import accounts, rgw
+    storage_url, token = accounts.swift_auth(ctx, creds["swift_user"], creds["swift_key"])
+    code = rgw.http("HEAD", f"{storage_url}/{ctx.container}", headers={"X-Auth-Token": token},
+                    what=f"HEAD {storage_url}/{ctx.container} (X-Auth-Token: ****)").status_code
+    if code == 403:
+        return [f"container: the Swift container {ctx.container!r} on RGW belongs to another RGW user, not "
+                f"{ctx.uid!r} (container names are global in RGW); choose another container for this uid"]
     return []
 
 

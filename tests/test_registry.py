@@ -337,6 +337,19 @@ def test_wrong_swift_key_caught_from_the_registry_host(ready):
 
 
 @pytest.mark.lab
+def test_container_of_another_rgw_user_is_refused_before_any_change(ready, nb_run, run_notebook):
+    """RGW container names are global: demo owns 'registry', so another uid cannot use it
+    (the registry would crash-loop on 'Operation forbidden')."""
+    nb_run("04-registry")  # demo's container 'registry' exists
+    run_notebook("02-accounts", uid="intruder", swift_subuser="intruder:swift", display_name="other user")
+    before = container_state()
+    nb, out, err = nb_run("04-registry", expect_error=True, uid="intruder", swift_subuser="intruder:swift")
+    assert "container: the Swift container 'registry' on RGW belongs to another RGW user" in str(err), str(err)
+    assert container_state() == before
+    ssh(RGW).run(cmd("radosgw-admin user rm --uid=intruder --purge-data"))
+
+
+@pytest.mark.lab
 def test_leaves_swift_deployed(ready, run_notebook):
     """Section 5 builds on the default deployment, on the lab's registry host."""
     run_notebook("03-certs")
