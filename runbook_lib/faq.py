@@ -46,6 +46,7 @@ CAUSES = {
     "storage-container-missing": "the registry's Swift container / S3 bucket does not exist",
     "mount-access": "the registry process cannot read its mounted files (config.yml, certs, htpasswd)",
     "registry-down": "the registry is not running",
+    "rgw-unreachable-from-registry": "RGW answers the control node but not the registry host (network path)",
     "unexplained": "the registry fails but none of the known causes was seen",
 }
 FIX_ORDER = ("pg-limit", "rgw-down", "storage-credentials", "storage-container-missing", "mount-access",
@@ -220,7 +221,13 @@ def classify(ev: dict) -> list[Finding]:
                 + (f" ({v2['body']})" if v2.get("body") else "")]
         if r.get("driver_mismatch"):
             lead.append(r["driver_mismatch"])
-        if st.get("auth") in ("401", "403") and rgw.get("answers", True):
+        if st.get("auth") == "000" and rgw.get("answers"):
+            found.append(Finding("rgw-unreachable-from-registry", host, lead + [
+                f"{st.get('what')} from {host}: no answer",
+                f"GET {rgw.get('url')}/ from the control node: answers"] + r.get("log_hits", [])[-2:],
+                f"check the network path from {host} to {rgw.get('url')} (routes, firewalls, the rgw_host "
+                "address as the registry host sees it)", fixable=False))
+        elif st.get("auth") in ("401", "403") and rgw.get("answers", True):
             found.append(Finding("storage-credentials", host, lead + [
                 f"{st.get('what')} from {host} with the credentials in config.yml: HTTP {st['auth']}"]
                 + ([r["creds_vs_rgw"]] if r.get("creds_vs_rgw") else []) + r.get("log_hits", [])[-2:],

@@ -102,6 +102,11 @@ def test_classify_each_cause():
         == ["mount-access"]
     assert c(_ev(registry={"g": _healthy_reg(files={"/auth/htpasswd": "cannot be read"})})) == ["mount-access"]
     assert c(_ev(registry={"g": _healthy_reg(running=False, state="exited")})) == ["registry-down"]
+    # RGW answers the control node, but the registry host gets no answer: a network path problem
+    f = faq.classify(_ev(registry={"g": _healthy_reg(v2={"anonymous": 503, "with_credentials": 503},
+                                                     storage={"kind": "swift", "auth": "000"})}))
+    assert [x.cause for x in f] == ["rgw-unreachable-from-registry"] and not f[0].fixable
+    assert "network path from g" in f[0].fix
     f = faq.classify(_ev(registry={"g": _healthy_reg(v2={"anonymous": 503, "with_credentials": 503})}))
     assert [x.cause for x in f] == ["unexplained"] and not f[0].fixable
 
