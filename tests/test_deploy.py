@@ -2,6 +2,7 @@
 sections 1-5 end to end, a clean re-run, and a dry run that changes nothing."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import threading
 
 import nbformat
 import pytest
@@ -112,8 +114,11 @@ def _need_sections():
 @pytest.mark.lab
 def test_deploy_end_to_end_then_no_change(lab, state_dir, tmp_path):
     _need_sections()
-    r, out, run, runs = _deploy(tmp_path, name="first")
+    ps_log = tmp_path / "ps.log"
+    with _ps_sampler(ps_log):  # the process list, as anyone on the machine could see it during the run
+        r, out, run, runs = _deploy(tmp_path, name="first")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert ps_log.stat().st_size > 0
     assert run and run.is_dir()
     data = json.loads((run / "run.json").read_text())
     assert data["outcome"] == "PASS", data.get("error")
@@ -126,7 +131,7 @@ def test_deploy_end_to_end_then_no_change(lab, state_dir, tmp_path):
     assert "VERDICT deploy: PASS" in text and str(run) in text
     rgw_keys = _rgw_secrets(yaml.safe_load(LAB.read_text()))
     assert rgw_keys  # 02-accounts made the Swift and S3 keys
-    _assert_no_secrets([run, out], rgw_keys)
+    _assert_no_secrets([run, out, ps_log], rgw_keys)
 
     # a second run: every section reports no change
     r2, out2, run2, _ = _deploy(tmp_path, name="second")
@@ -137,6 +142,32 @@ def test_deploy_end_to_end_then_no_change(lab, state_dir, tmp_path):
     assert not changed, changed
     assert d2["changed"] is False, [c for c in d2["commands"] if c["changed"] and not c["read"]]
     assert "no change" in out2.read_text()
+
+
+@contextlib.contextmanager
+def _ps_sampler(path, interval=0.1):
+    """Every process's command line, sampled until the block ends (what `ps` shows)."""
+    stop = threading.Event()
+
+    def sample():
+        with open(path, "w") as f:
+            while not stop.is_set():
+                for d in os.listdir("/proc"):
+                    if d.isdigit():
+                        try:
+                            with open(f"/proc/{d}/cmdline", "rb") as c:
+                                f.write(c.read().replace(b"\0", b" ").decode(errors="replace") + "\n")
+                        except OSError:
+                            pass
+                stop.wait(interval)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        t.join(10)
 
 
 # The host's own long-running processes: the lab shares one PID namespace, so select those
