@@ -287,6 +287,8 @@ def _run_client(ctx, c: Command, *, what: str, timeout: float, stdin=None, read=
     if res.exit_code == 127:
         why = ("missing", f"{what}: the client program is not installed on {h.name}.",
                "install it there (docker.io / skopeo), or choose another client_host")
+    if why is None and re.search(r"\b50[0-9]\b|Internal Server Error", text):
+        why = _storage_full(ctx)
     reason, explanation, hint = why or ("failed", f"{what} failed.", "read the client's message below")
     raise error_for(reason)(h.name, str(c), res.exit_code, res.stdout, res.stderr, reason, explanation, hint)
 
@@ -766,6 +768,23 @@ def _storage(ctx) -> dict:
                     info["prefix"] = (opts.get("rootdirectory") or "").strip("/")
     m["storage"] = info
     return info
+
+
+def _storage_full(ctx, min_free_kb: int = 1024 * 100):
+    """After a 5xx on push: is the registry's filesystem storage (nearly) full?  (A read.)"""
+    info = _storage(ctx)
+    root = info.get("host_root")
+    if info.get("driver") != "filesystem" or not root:
+        return None
+    h = ctx.host(P.as_list(ctx.params["registry_host"])[0])
+    r = h.run(cmd("df -Pk {d}", d=root), read=True, check=False)
+    fields = r.stdout.splitlines()[-1].split() if r.exit_code == 0 and r.stdout.strip() else []
+    if len(fields) >= 4 and fields[3].isdigit() and int(fields[3]) < min_free_kb:
+        return ("storage-full", f"the registry's storage is full: {fields[3]} KB free on {fields[5] if len(fields) > 5 else root} "
+                f"({root} on {h.name}); the registry answered 500 to the upload.",
+                "free space there or grow the volume (images already stored are intact), "
+                "or delete images and run garbage collection (06-operations)")
+    return None
 
 
 def storage_infix(info: dict) -> str | None:
