@@ -439,11 +439,12 @@ def _swift_container_owner(ctx, creds) -> list[str]:
     """Container names are global in RGW: one owned by another user makes every registry
     write fail with 'Operation forbidden' (a crash-looping registry, then a timeout)."""
     from . import accounts, rgw
+    container = _p(ctx, "container", "registry")
     storage_url, token = accounts.swift_auth(ctx, creds["swift_user"], creds["swift_key"])
-    code = rgw.http("HEAD", f"{storage_url}/{ctx.container}", headers={"X-Auth-Token": token},
-                    what=f"HEAD {storage_url}/{ctx.container} (X-Auth-Token: ****)").status_code
+    code = rgw.http("HEAD", f"{storage_url}/{container}", headers={"X-Auth-Token": token},
+                    what=f"HEAD {storage_url}/{container} (X-Auth-Token: ****)").status_code
     if code == 403:
-        return [f"container: the Swift container {ctx.container!r} on RGW belongs to another RGW user, not "
+        return [f"container: the Swift container {container!r} on RGW belongs to another RGW user, not "
                 f"{ctx.uid!r} (container names are global in RGW); choose another container for this uid"]
     return []
 
