@@ -38,7 +38,7 @@ demo: lab-up
 test: export RUNBOOK_STATE_DIR ?= $(CURDIR)/.test-state
 test: lab-up
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
-	$(VENV)/bin/pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks/
+	$(VENV)/bin/pytest --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks/*.ipynb
 
 test-unit: venv
 	$(VENV)/bin/pytest -m "not lab" $(PYTEST_ARGS)
