@@ -11,6 +11,8 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 LAB_PARAMS = yaml.safe_load((ROOT / "params" / "lab.yaml").read_text())
+# The registry host sections 3-4 are tested on (another lab host via RUNBOOK_TEST_REGISTRY_HOST).
+TEST_REGISTRY = os.environ.get("RUNBOOK_TEST_REGISTRY_HOST", LAB_PARAMS["registry_host"])
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +99,12 @@ def outputs_text(nb: dict) -> str:
             if o.get("output_type") == "error":
                 parts.append(o.get("ename", "") + ": " + o.get("evalue", ""))
     return "\n".join(parts)
+
+
+@pytest.fixture
+def nb_run(run_notebook):
+    """run_notebook with registry_host = the host under test."""
+    def run(name, expect_error=False, **params):
+        params.setdefault("registry_host", TEST_REGISTRY)
+        return run_notebook(name, expect_error=expect_error, **params)
+    return run

@@ -16,7 +16,7 @@ from runbook_lib import certs
 
 from conftest import LAB_PARAMS, outputs_text
 
-REGISTRY = os.environ.get("RUNBOOK_TEST_REGISTRY_HOST", LAB_PARAMS["registry_host"])
+from conftest import TEST_REGISTRY as REGISTRY  # noqa: E402
 
 
 # ------------------------------------------------------------------ unit
@@ -181,12 +181,3 @@ def test_given_ca_and_cert_are_used(lab, nb_run, state_dir, tmp_path):
     assert "VERDICT 03-certs: PASS" in outputs_text(nb)
     cert = x509.load_pem_x509_certificate((state_dir / "certs" / "registry.pem").read_bytes())
     assert not certs.signed_by(cert, a)
-
-
-@pytest.fixture
-def nb_run(run_notebook):
-    """run_notebook with registry_host = the host under test."""
-    def run(name, expect_error=False, **params):
-        params.setdefault("registry_host", REGISTRY)
-        return run_notebook(name, expect_error=expect_error, **params)
-    return run

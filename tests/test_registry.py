@@ -19,7 +19,7 @@ from runbook_lib.host import SSHHost, cmd
 from conftest import LAB_PARAMS, outputs_text
 
 # RUNBOOK_TEST_REGISTRY_HOST: run against another lab host (lab.add_host), away from other users of registry1
-REGISTRY = os.environ.get("RUNBOOK_TEST_REGISTRY_HOST", LAB_PARAMS["registry_host"])
+from conftest import TEST_REGISTRY as REGISTRY  # noqa: E402
 RGW = LAB_PARAMS["rgw_host"]
 URL = f"https://{REGISTRY}:{LAB_PARAMS['registry_port']}"
 
@@ -356,11 +356,3 @@ def test_leaves_swift_deployed(ready, run_notebook):
     nb, _, _ = run_notebook("04-registry")
     text = verdict_ok(nb)
     assert "storage: swift" in text and "runtime: docker" in text
-
-@pytest.fixture
-def nb_run(run_notebook):
-    """run_notebook with registry_host = the host under test."""
-    def run(name, expect_error=False, **params):
-        params.setdefault("registry_host", REGISTRY)
-        return run_notebook(name, expect_error=expect_error, **params)
-    return run
