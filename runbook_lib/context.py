@@ -22,6 +22,9 @@ from .host import Host, LocalHost, SSHHost
 
 _current = None
 
+# Sections whose failures the FAQ (07-faq) diagnoses: 416 on bucket creation, 503 on login.
+FAQ_SECTIONS = {"02-accounts", "04-registry", "05-push", "06-operations"}
+
 # Secrets the user may give in the environment (never as papermill parameters).
 ENV_SECRETS = {"registry_password": "REGISTRY_PASSWORD"}
 
@@ -125,6 +128,9 @@ class Context:
         for k, v in facts.items():
             print(masking.mask(f"  {k}: {v}"))
         if not ok:
+            if self.section in FAQ_SECTIONS:
+                from . import faq
+                hint = (hint + "\n  " if hint else "") + faq.hint_for(self.section, self.params)
             raise CheckFailed(f"{self.section} did not reach its outcome: {summary}", hint=hint or None)
         return record
 

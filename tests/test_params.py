@@ -3,7 +3,7 @@ import pytest
 
 from runbook_lib import ParameterError, begin, params as P
 
-ANN = {"rgw_host": str, "rgw_port": int, "registry_host": str, "uid": str, "dry_run": bool,
+ANN = {"rgw_host": str, "rgw_port": int, "registry_host": str, "registry_port": int, "uid": str, "dry_run": bool,
        "image_name": str, "method": str, "ssh_key": str}
 
 
@@ -66,3 +66,16 @@ def test_unreachable_host_is_reported_not_hung(lab):
 
 def test_registry_host_may_be_a_list():
     assert P.as_list("a, b") == ["a", "b"] and P.as_list(["a"]) == ["a"]
+
+
+def test_a_failed_verdict_names_the_faq_with_the_same_parameters(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNBOOK_STATE_DIR", str(tmp_path))
+    ctx = begin("04-registry", ns(registry_port=8000), reach=False)
+    with pytest.raises(Exception) as ei:
+        ctx.verdict(False, "GET /v2/ answered 503")
+    text = str(ei.value)
+    assert "notebooks/07-faq.ipynb" in text and "-p rgw_host 198.18.0.2" in text and "-p registry_host 198.18.0.3" in text
+    ctx = begin("03-certs", ns(), reach=False)
+    with pytest.raises(Exception) as ei:
+        ctx.verdict(False, "SANs miss an address")
+    assert "07-faq" not in str(ei.value)  # not a failure the FAQ knows
