@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import secrets
 
 import pytest
 
@@ -15,12 +16,14 @@ from conftest import outputs_text
 
 CEPH1 = "198.18.0.2"
 
-# Shaped like the document's output (keys replaced: never reuse published secrets).
+# Shaped like the document's output, with keys made at run time (never commit or reuse secrets).
+S3_SECRET = "unit/test+" + secrets.token_hex(15)
+SWIFT_SECRET = "unitTestSwiftSecretKey" + secrets.token_hex(9)
 USER_JSON = json.dumps({
     "user_id": "demo", "display_name": "ceph rgw demo user", "email": "", "suspended": 0, "max_buckets": 1000,
     "subusers": [{"id": "demo:swift", "permissions": "full-control"}],
-    "keys": [{"user": "demo", "access_key": "AKUNITTESTACCESS0001", "secret_key": "unit/test+secret/s3/key000000000000000000"}],
-    "swift_keys": [{"user": "demo:swift", "secret_key": "unitTestSwiftSecretKey0000000000000000000"}],
+    "keys": [{"user": "demo", "access_key": "AKUNITTESTACCESS0001", "secret_key": S3_SECRET}],
+    "swift_keys": [{"user": "demo:swift", "secret_key": SWIFT_SECRET}],
     "caps": [], "op_mask": "read, write, delete",
 }, indent=4)
 
@@ -31,9 +34,9 @@ def test_parse_user_info():
     info = accounts.parse_user_info(USER_JSON)
     assert info["uid"] == "demo" and info["display_name"] == "ceph rgw demo user"
     assert info["subusers"] == {"demo:swift": "full-control"}
-    assert accounts.swift_key_of(info, "demo:swift") == "unitTestSwiftSecretKey0000000000000000000"
+    assert accounts.swift_key_of(info, "demo:swift") == SWIFT_SECRET
     assert accounts.swift_key_of(info, "demo:other") is None
-    assert accounts.s3_key_of(info, "demo") == ("AKUNITTESTACCESS0001", "unit/test+secret/s3/key000000000000000000")
+    assert accounts.s3_key_of(info, "demo") == ("AKUNITTESTACCESS0001", S3_SECRET)
     assert accounts.s3_key_of(info, "other") is None
 
 
@@ -55,7 +58,7 @@ def test_register_secrets_masks_every_key():
         assert a not in out and s not in out
     assert "unitTestSwiftSecretKey" not in out
     # the JSON-escaped form too (a / in a secret is \\/ in some JSON)
-    assert masking.mask('{"k": "unit\\/test+secret\\/s3\\/key000000000000000000"}') == '{"k": "****"}'
+    assert masking.mask('{"k": "%s"}' % S3_SECRET.replace("/", "\\/")) == '{"k": "****"}'
 
 
 def test_permissions_map_access_to_what_user_info_shows():

