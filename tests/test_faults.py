@@ -24,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import _registry as R  # noqa: E402  (the bench's registry helpers: blob upload, tiny images)
 
+from helpers import rgw_answers  # noqa: E402
 from conftest import NOTEBOOKS, outputs_text  # noqa: E402
 
 pytestmark = pytest.mark.lab
@@ -59,15 +60,6 @@ def ssh(addr: str, command: str, timeout: float = 60, check: bool = True) -> sub
     if check and r.returncode != 0:
         raise AssertionError(f"{addr}: {command}: exit {r.returncode}: {r.stderr[-500:]}")
     return r
-
-
-def rgw_answers() -> bool:
-    s = requests.Session()
-    s.trust_env = False
-    try:
-        return s.get(f"http://{RGW}:7480/", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 class Store:

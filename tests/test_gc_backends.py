@@ -13,18 +13,18 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import subprocess
-import tarfile
 import time
 
 import pytest
 import requests
 
+from helpers import tar_gz as _tar_gz  # noqa: E402
+from helpers import rgw_answers  # noqa: E402
 from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
 
 pytestmark = pytest.mark.lab
@@ -69,15 +69,6 @@ def notebook(name: str, out_dir, timeout: float = 180, **params) -> dict:
     return json.loads(out.read_text())
 
 
-def rgw_answers() -> bool:
-    s = requests.Session()
-    s.trust_env = False
-    try:
-        return s.get(f"http://{RGW}:{LAB_PARAMS['rgw_port']}/", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 def has_s3_key() -> bool:
     r = ssh(RGW, f"radosgw-admin user info --uid={UID}", check=False)
     return r.returncode == 0 and bool(json.loads(r.stdout).get("keys"))
@@ -95,16 +86,6 @@ def stored_bytes(root: str | None) -> int:
         usage = json.loads(r.stdout).get("usage") or {}
         return sum(int(u.get("size_actual", 0)) for u in usage.values())
     return int(ssh(ADDR, f"du -sb {root}").stdout.split()[0])
-
-
-def _tar_gz(files: dict) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in sorted(files.items()):
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mtime, ti.mode = len(data), 1700000000, 0o644
-            t.addfile(ti, io.BytesIO(data))
-    return gzip.compress(raw.getvalue(), mtime=0)
 
 
 def oci_layout(path) -> dict:

@@ -9,13 +9,11 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import subprocess
-import tarfile
 import time
 
 import pytest
@@ -25,6 +23,7 @@ from runbook_lib import operations as ops
 from runbook_lib.context import Context
 from runbook_lib.errors import ParameterError
 
+from helpers import tar_gz as _tar_gz  # noqa: E402
 from conftest import LAB_PARAMS, NOTEBOOKS, ROOT, _engine, outputs_text
 
 # Another lab host/bucket may be given (RUNBOOK_OPS_REGISTRY_HOST, RUNBOOK_OPS_CONTAINER) to test
@@ -103,16 +102,6 @@ def test_session_ignores_requests_ca_bundle(monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------------------- OCI layouts by hand
-def _tar_gz(files: dict) -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in sorted(files.items()):
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mtime, ti.mode = len(data), 1700000000, 0o644
-            t.addfile(ti, io.BytesIO(data))
-    return gzip.compress(raw.getvalue(), mtime=0)
-
-
 class Layout:
     """An OCI image layout (oci-layout, index.json, blobs/sha256) that skopeo copies from."""
 
