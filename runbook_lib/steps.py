@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RunbookError
-from .journal import Result, current_step
+from .journal import current_step
 from .masking import mask
 
 ICON = {"ok": "✔ ok", "changed": "✎ changed", "failed": "✘ failed", "would change": "… would change",
@@ -139,11 +139,6 @@ def note(message: str) -> None:
     rep = current_step.get()
     if rep is not None:
         rep.message = (rep.message + " " if rep.message else "") + mask(message)
-
-
-def record(result: Result) -> Result:
-    from .journal import record as _record
-    return _record(result)
 
 
 def reports() -> list[StepReport]:
