@@ -47,20 +47,25 @@ def paths(did: str) -> dict:
     }
 
 
-def frontend(host: str, port: int) -> str:
-    """beast's endpoint= needs an IP; for a host name listen on every address."""
+def frontend(host: str, port: int, nodelay: bool = True) -> str:
+    """beast's endpoint= needs an IP; for a host name listen on every address.
+
+    tcp_nodelay=1 (not in the document): without it every small request RGW answers waits ~40 ms
+    for a delayed ACK (Nagle), and the registry makes ~15 small requests per blob; measured on the
+    lab, a 16 MB blob push took 1.0 s without it and 0.2 s with it (bench/results.md)."""
     import ipaddress
+    opt = " tcp_nodelay=1" if nodelay else ""
     try:
         ip = ipaddress.ip_address(host)
         addr = f"[{ip}]" if ip.version == 6 else str(ip)
-        return f"beast endpoint={addr}:{port}"
+        return f"beast endpoint={addr}:{port}{opt}"
     except ValueError:
-        return f"beast port={port}"
+        return f"beast port={port}{opt}"
 
 
-def conf_entries(did: str, host: str, port: int) -> dict:
+def conf_entries(did: str, host: str, port: int, nodelay: bool = True) -> dict:
     p = paths(did)
-    return {"rgw frontends": frontend(host, port), "keyring": p["keyring"], "log file": p["log"]}
+    return {"rgw frontends": frontend(host, port, nodelay), "keyring": p["keyring"], "log file": p["log"]}
 
 
 def norm_key(k: str) -> str:
@@ -158,7 +163,8 @@ def endpoint(ctx) -> str:
 def _opts(ctx) -> dict:
     p = ctx.params
     return {"method": p.get("method", "packages"), "name": p.get("rgw_name", ""),
-            "admin": p.get("ceph_admin_host") or p["rgw_host"], "port": int(p.get("rgw_port", DEFAULT_PORT))}
+            "admin": p.get("ceph_admin_host") or p["rgw_host"], "port": int(p.get("rgw_port", DEFAULT_PORT)),
+            "nodelay": bool(p.get("rgw_tcp_nodelay", True))}
 
 
 def _state(ctx) -> dict:
@@ -329,7 +335,7 @@ def configure(ctx):
         note("not used with method=existing")
         return None
     did = _did(ctx)
-    entries = conf_entries(did, ctx.params["rgw_host"], o["port"])
+    entries = conf_entries(did, ctx.params["rgw_host"], o["port"], o["nodelay"])
     section = f"client.{did}"
     if o["method"] != "packages":
         # The tools write their own config; show what it amounts to.

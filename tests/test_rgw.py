@@ -3,6 +3,7 @@
 The lab tests leave RGW deployed on ceph1 (later sections use it)."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -53,9 +54,14 @@ def test_render_cephadm():
 
 
 def test_frontend_endpoint_for_ip_port_for_names():
-    assert rgw.frontend("198.18.0.2", 7480) == "beast endpoint=198.18.0.2:7480"
-    assert rgw.frontend("::1", 7480) == "beast endpoint=[::1]:7480"
-    assert rgw.frontend("ceph1", 7480) == "beast port=7480"
+    assert rgw.frontend("198.18.0.2", 7480) == "beast endpoint=198.18.0.2:7480 tcp_nodelay=1"
+    assert rgw.frontend("::1", 7480) == "beast endpoint=[::1]:7480 tcp_nodelay=1"
+    assert rgw.frontend("ceph1", 7480) == "beast port=7480 tcp_nodelay=1"
+
+
+def test_frontend_without_nodelay_is_the_documents_line():
+    assert rgw.frontend("198.18.0.2", 7480, nodelay=False) == "beast endpoint=198.18.0.2:7480"
+    assert rgw.conf_entries("rgw.a", "ceph1", 80, False)["rgw frontends"] == "beast port=80"
 
 
 CONF = """[global]
@@ -72,7 +78,7 @@ def test_conf_section_added_replaced_and_matched():
     assert not rgw.conf_matches(CONF, "client.rgw.ceph1", entries)
     new = rgw.set_conf_section(CONF, "client.rgw.ceph1", entries)
     assert new.startswith(CONF.rstrip("\n"))  # the rest kept as it is
-    assert "[client.rgw.ceph1]\nrgw frontends = beast endpoint=198.18.0.2:7480\n" in new
+    assert "[client.rgw.ceph1]\nrgw frontends = beast endpoint=198.18.0.2:7480 tcp_nodelay=1\n" in new
     assert rgw.conf_matches(new, "client.rgw.ceph1", entries)
     assert rgw.set_conf_section(new, "client.rgw.ceph1", entries) == new  # idempotent
     changed = rgw.set_conf_section(new, "client.rgw.ceph1", rgw.conf_entries("rgw.ceph1", "198.18.0.2", 8080))
@@ -117,6 +123,13 @@ def step_counts(nb) -> dict:
     return dict(zip(("ok", "changed", "would change", "failed"), map(int, m.groups())))
 
 
+def running_frontends(h) -> str:
+    """What the running radosgw loaded (its admin socket), not what ceph.conf says."""
+    r = h.run(cmd("ceph --admin-daemon \"$(ls /var/run/ceph/ceph-client.rgw.ceph1.*.asok | head -1)\" "
+                  "config get rgw_frontends"), read=True)
+    return json.loads(r.stdout)["rgw_frontends"]
+
+
 def conf_digest(h) -> str:
     return h.run(cmd("sha256sum /etc/ceph/ceph.conf"), read=True).stdout.split()[0]
 
@@ -141,6 +154,21 @@ def test_deploy_then_rerun_changes_nothing(lab, run_notebook):
     # the daemon's key never reaches the executed notebook
     key = ssh_host(lab, CEPH1).run(cmd("ceph auth print-key client.rgw.ceph1"), read=True, no_log=True).stdout.strip()
     assert len(key) > 20 and key not in path2.read_text()
+    # the daemon runs with Nagle off (bench/bench_push.py: 5x the push throughput)
+    assert running_frontends(ssh_host(lab, CEPH1)) == "beast endpoint=198.18.0.2:7480 tcp_nodelay=1"
+
+
+@pytest.mark.lab
+def test_nodelay_off_writes_the_documents_line_and_back(lab, run_notebook):
+    h = ssh_host(lab, CEPH1)
+    try:
+        nb, _, _ = run_notebook("01-rgw", rgw_tcp_nodelay=False)
+        assert step_counts(nb)["changed"] == 2 and "VERDICT 01-rgw: PASS" in outputs_text(nb)
+        assert running_frontends(h) == "beast endpoint=198.18.0.2:7480"
+    finally:
+        nb, _, _ = run_notebook("01-rgw")
+    assert step_counts(nb)["changed"] == 2  # configure + restart, back to the default
+    assert running_frontends(h) == "beast endpoint=198.18.0.2:7480 tcp_nodelay=1"
 
 
 @pytest.mark.lab
