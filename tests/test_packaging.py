@@ -1,6 +1,8 @@
 """The package's declared dependencies, in both places users install from."""
 import pathlib
 import re
+import subprocess
+import sys
 import tomllib
 
 import yaml
@@ -28,3 +30,11 @@ def test_passlib_is_the_maintained_fork_and_works_with_bcrypt():
     ht.set_password("foo", "a-password-for-test")
     assert ht.check_password("foo", "a-password-for-test")
     assert not ht.check_password("foo", "wrong")
+
+
+def test_papermill_under_runbook_lib_skips_the_slow_iri_grammar():
+    """rfc3987_syntax compiles its grammars at import (4 s in a kernel, every deploy kernel paid it)."""
+    code = ("import sys, runbook_lib, papermill, nbformat, jsonschema; "
+            "print(sys.modules.get('rfc3987_syntax') is None, 'lark' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]
