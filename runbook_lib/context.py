@@ -148,6 +148,7 @@ def begin(section: str, namespace: dict, reach: bool = True) -> Context:
     problems = P.check(params, annotations, unknown, reach=reach)
     if problems:
         raise ParameterError(problems)
+    params = P.derive(params)
     ctx = Context(section, params)
     _current = ctx
     return ctx

@@ -27,9 +27,6 @@ _OWNED: set = set()  # run folders this process made (and so finishes)
 # Sections deploy runs, in order (those that exist).
 SECTION_RE = re.compile(r"^0[1-5]-[a-z0-9-]+\.ipynb$")
 # Section parameters the deploy derives from its own (so that changing uid keeps them consistent).
-DERIVED = {"swift_subuser": lambda p: f"{p['uid']}:swift" if p.get("uid") else None}
-
-
 class SectionFailed(RunbookError):
     """A section of the deploy failed; its executed notebook is in the run folder."""
 
@@ -144,8 +141,6 @@ def section_params(notebook, params: dict) -> dict:
     for name, info in declared.items():
         if name in params:
             value = params[name]
-        elif name in DERIVED and DERIVED[name](params) is not None:
-            value = DERIVED[name](params)
         else:
             continue
         if isinstance(value, (list, tuple)) and info.get("inferred_type_name") == "str":

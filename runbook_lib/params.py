@@ -100,6 +100,20 @@ def collect(namespace: dict) -> tuple[dict, list[str]]:
     return params, sorted(unknown)
 
 
+# Parameters whose empty value stands for one made from the others (so a section run on its own
+# and the deploy agree): swift_subuser "" -> "<uid>:swift", as the document names it.
+DERIVED = {"swift_subuser": lambda p: f"{p['uid']}:swift" if p.get("uid") else ""}
+
+
+def derive(params: dict) -> dict:
+    """params with every empty derived parameter filled in."""
+    out = dict(params)
+    for name, make in DERIVED.items():
+        if name in out and out[name] == "":
+            out[name] = make(out)
+    return out
+
+
 def check(params: dict, annotations: dict, unknown: list[str] = (), reach: bool = True) -> list[str]:
     """Every problem with these parameters, as sentences naming the parameter."""
     problems = [f"unknown parameter {k!r} (this notebook takes: {', '.join(sorted(annotations))})"
@@ -172,7 +186,7 @@ def _value_problem(name: str, value) -> str | None:
             return f"{value} is out of range (1-65535)"
     if name == "uid" and not UID_RE.match(value):
         return f"{value!r} is not a valid RGW user id (letters, digits, _ . -; must start with a letter or digit)"
-    if name == "swift_subuser":
+    if name == "swift_subuser" and value:  # "" means UID:swift (derive)
         uid, _, sub = value.partition(":")
         if not sub or not UID_RE.match(uid) or not UID_RE.match(sub):
             return f"{value!r} must look like UID:NAME, e.g. demo:swift"

@@ -79,3 +79,10 @@ def test_a_failed_verdict_names_the_faq_with_the_same_parameters(tmp_path, monke
     with pytest.raises(Exception) as ei:
         ctx.verdict(False, "SANs miss an address")
     assert "07-faq" not in str(ei.value)  # not a failure the FAQ knows
+
+
+def test_empty_swift_subuser_is_derived_from_uid_so_sections_agree_with_deploy():
+    assert P.derive({"uid": "bench", "swift_subuser": ""})["swift_subuser"] == "bench:swift"
+    assert P.derive({"uid": "bench", "swift_subuser": "bench:ro"})["swift_subuser"] == "bench:ro"
+    assert "swift_subuser" not in P.derive({"uid": "bench"})  # only where the notebook declares it
+    assert P.check({"swift_subuser": ""}, {"swift_subuser": "str"}, reach=False) == []
