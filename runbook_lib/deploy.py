@@ -11,6 +11,7 @@ its executed notebook, its HTML and its verdict in the run folder.
 """
 from __future__ import annotations
 
+import contextlib
 import html as _html
 import json
 import os
@@ -26,7 +27,7 @@ NOTEBOOKS = records.REPO / "notebooks"
 _OWNED: set = set()  # run folders this process made (and so finishes)
 # Sections deploy runs, in order (those that exist).
 SECTION_RE = re.compile(r"^0[1-5]-[a-z0-9-]+\.ipynb$")
-# Section parameters the deploy derives from its own (so that changing uid keeps them consistent).
+
 class SectionFailed(RunbookError):
     """A section of the deploy failed; its executed notebook is in the run folder."""
 
@@ -178,8 +179,48 @@ def _learn_secrets() -> None:
                 masking.register(v)
 
 
-def run_section(notebook, run: records.Run, params: dict, *, timeout: float | None = None) -> SectionResult:
-    """Execute one section notebook with papermill + the runbook engine into the run folder."""
+class WarmKernel:
+    """A section's kernel, started before its turn so that it boots while the section before it
+    runs (start-up is ~0.5 s of each section, shut-down ~0.2 s: both off the critical path).
+    The kernel inherits this process's environment (run folder, mask file) when it starts."""
+
+    def __init__(self, notebook, log_path):
+        from jupyter_client import KernelManager
+        notebook = pathlib.Path(notebook)
+        spec = json.loads(notebook.read_text()).get("metadata", {}).get("kernelspec", {})
+        self.log = open(log_path, "ab")
+        self.km = KernelManager(kernel_name=spec.get("name") or "python3")
+        self.km.start_kernel(cwd=str(notebook.parent), stderr=self.log)
+        self._stopper = None
+
+    def stop(self, wait: bool = False) -> None:
+        """Shut the kernel down in the background (or now); idempotent."""
+        import threading
+
+        def _stop():
+            try:
+                self.km.shutdown_kernel(now=False)
+            except Exception:
+                pass
+            finally:
+                self.log.close()
+        if self._stopper is None:
+            self._stopper = threading.Thread(target=_stop, name="kernel-shutdown", daemon=True)
+            self._stopper.start()
+        if wait:
+            self._stopper.join(10)
+
+    def scrub_log(self) -> None:
+        """The kernel's own stderr, with every secret this process knows masked (after stop)."""
+        with contextlib.suppress(OSError):
+            path = pathlib.Path(self.log.name)
+            path.write_text(masking.mask(path.read_text(errors="replace")))
+
+
+def run_section(notebook, run: records.Run, params: dict, *, timeout: float | None = None,
+                kernel: WarmKernel | None = None) -> SectionResult:
+    """Execute one section notebook with papermill + the runbook engine into the run folder
+    (in `kernel` when given: the caller shuts it down)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -197,7 +238,7 @@ def run_section(notebook, run: records.Run, params: dict, *, timeout: float | No
         pm.execute_notebook(str(notebook), str(out), parameters=section_params(notebook, params),
                             engine_name="runbook", cwd=str(notebook.parent), progress_bar=False,
                             log_output=False, execution_timeout=timeout,
-                            kernel_log=str(run.path / f"{name}.kernel.log"))
+                            **({"km": kernel.km} if kernel else {"kernel_log": str(run.path / f"{name}.kernel.log")}))
     except PapermillExecutionError as e:
         res.error = f"{e.ename}: {e.evalue}".strip()[-2000:]
     except Exception as e:  # kernel died, timeout, bad notebook
@@ -268,10 +309,23 @@ def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> Dep
     print(f"run folder: {run_.path}")
     print(f"sections: {', '.join(p.stem for p in todo) or '(none found in ' + str(notebooks_dir or NOTEBOOKS) + ')'}"
           + ("  [dry run: nothing will change]" if ctx.dry_run else ""))
-    with mask_session(ctx.state_dir):
-        for nb in todo:
+    kernels: list[WarmKernel] = []
+
+    def warm(i):  # start section i's kernel (inside the mask session: it inherits the mask file)
+        if i < len(todo) and len(kernels) == i:
+            kernels.append(WarmKernel(todo[i], run_.path / f"{todo[i].stem}.kernel.log"))
+        return kernels[i] if i < len(kernels) else None
+
+    with mask_session(ctx.state_dir), contextlib.ExitStack() as stack:
+        stack.callback(lambda: [(k.stop(wait=True), k.scrub_log()) for k in kernels])  # none left behind
+        for i, nb in enumerate(todo):
             print(f"▶ {nb.stem} ...", flush=True)
-            res = run_section(nb, run_, ctx.params, timeout=timeout)
+            kernel = warm(i)
+            warm(i + 1)
+            try:
+                res = run_section(nb, run_, ctx.params, timeout=timeout, kernel=kernel)
+            finally:
+                kernel.stop()
             report.sections.append(res)
             changed = "—" if res.changed is None else (("would change" if ctx.dry_run else "changed")
                                                         if res.changed else "no change")

@@ -380,6 +380,13 @@ class RunbookEngine(NBClientEngine):
             coalesce_streams=True,
         )
         client = ScrubbingClient(nb_man, **final_kwargs)
+        if final_kwargs.get("km") is not None:
+            # a kernel the caller started (deploy's warm kernel): the caller also shuts it down
+            try:
+                return client.execute()
+            finally:
+                if client.kc is not None:
+                    client.kc.stop_channels()
         if not kernel_log:
             return client.execute()
         try:

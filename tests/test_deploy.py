@@ -95,6 +95,43 @@ def test_section_params_only_declared():
             assert common in got, (nb.name, common)  # every section declares the common set
 
 
+def _kernels_in(cwd: pathlib.Path) -> list[int]:
+    """Live ipykernel processes started in cwd."""
+    out = []
+    for p in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            if b"ipykernel" in (p / "cmdline").read_bytes() and pathlib.Path(os.readlink(p / "cwd")) == cwd:
+                out.append(int(p.name))
+        except OSError:
+            continue
+    return out
+
+
+def test_a_failing_section_stops_the_deploy_and_leaves_no_kernel(tmp_path):
+    """Sections run in kernels started ahead of their turn: when one fails, the next (already booted)
+    must not run, and no kernel may be left behind."""
+    import runbook_lib as rb
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for name, src in (("01-bad", "raise RuntimeError('boom in 01')"), ("02-next", "open('ran', 'w').write('x')")):
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                               "language": "python"}})
+        nb.cells = [nbformat.v4.new_code_cell(src)]
+        nbformat.write(nb, str(nbs / f"{name}.ipynb"))
+    ns = {"dry_run": False, "__annotations__": {"dry_run": "bool"}}
+    ctx = rb.begin("deploy", ns, reach=False)
+    saved = dict(os.environ)  # deploy.run points the environment at its run folder (as in a kernel)
+    try:
+        with pytest.raises(deploy.SectionFailed) as e:
+            deploy.run(ctx, notebooks_dir=nbs)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert e.value.section == "01-bad" and "boom in 01" in str(e.value)
+    assert not (nbs / "ran").exists()
+    assert _kernels_in(nbs) == []
+
+
 # -- with the lab ------------------------------------------------------------------------------------
 def _deploy(tmp_path, *args, name="out"):
     out = tmp_path / f"{name}.ipynb"
