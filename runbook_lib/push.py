@@ -287,7 +287,9 @@ def _run_client(ctx, c: Command, *, what: str, timeout: float, stdin=None, read=
     if res.exit_code == 127:
         why = ("missing", f"{what}: the client program is not installed on {h.name}.",
                "install it there (docker.io / skopeo), or choose another client_host")
-    if why is None and re.search(r"\b50[0-9]\b|Internal Server Error", text):
+    if why is None:
+        # a full disk shows as a 500 or as the registry dropping the upload mid-PATCH
+        # ("connection reset by peer"): ask df, whatever the client said
         why = _storage_full(ctx)
     reason, explanation, hint = why or ("failed", f"{what} failed.", "read the client's message below")
     raise error_for(reason)(h.name, str(c), res.exit_code, res.stdout, res.stderr, reason, explanation, hint)
@@ -771,7 +773,7 @@ def _storage(ctx) -> dict:
 
 
 def _storage_full(ctx, min_free_kb: int = 1024 * 100):
-    """After a 5xx on push: is the registry's filesystem storage (nearly) full?  (A read.)"""
+    """After an unexplained push failure: is the registry's filesystem storage (nearly) full?  (A read.)"""
     info = _storage(ctx)
     root = info.get("host_root")
     if info.get("driver") != "filesystem" or not root:

@@ -29,7 +29,7 @@ from conftest import NOTEBOOKS, outputs_text  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
-NAME, ADDR, PORT, FS_PORT = "faultreg", "198.18.0.71", 8000, 8001
+NAME, ADDR, PORT = "faultreg", "198.18.0.71", 8000
 UID, CONTAINER = "faulty", "fault-registry"
 RGW = "198.18.0.2"
 HEALTH_WAIT = 60  # registry health check: every 10 s, 3 failures -> 503
@@ -158,7 +158,7 @@ def env(lab, tmp_path_factory):
         store.push_index("fault/multi", "v1")
         yield {"reg": reg, "store": store, "state": state, "out": out, "params": params}
     finally:
-        subprocess.run(["rm", "-rf", f"/etc/containers/certs.d/{ADDR}:{PORT}", f"/etc/containers/certs.d/{ADDR}:{FS_PORT}",
+        subprocess.run(["rm", "-rf", f"/etc/containers/certs.d/{ADDR}:{PORT}",
                         f"/etc/docker/certs.d/{ADDR}:{PORT}"], check=False)
         L.remove_host(NAME)
         ssh(RGW, f"radosgw-admin user rm --uid={UID} --purge-data >/dev/null 2>&1; true", timeout=120, check=False)
@@ -395,27 +395,45 @@ def test_gc_with_concurrent_pushes(env):
 
 
 # --------------------------------------------------------------------------- 5. disk nearly full
-def test_disk_nearly_full_filesystem(env):
-    """A filesystem registry on faultreg whose rootdirectory is a 20 MB tmpfs: an image that does not fit
-    is refused with an explained error; what was stored before still pulls."""
-    state = env["state"]
-    fs = R.start(ADDR, state / "ca", storage="filesystem", port=FS_PORT, tmpfs_mb=20, name="fsreg",
-                 remote_dir="/opt/fault/fs", password=env["reg"].password)
+FS_NAME, FS_ADDR = "faultfs", "198.18.0.72"
+
+
+def test_disk_nearly_full_filesystem(env, tmp_path):
+    """A filesystem-storage registry deployed by 03/04 on its own host, its data directory a 20 MB tmpfs:
+    once the disk is nearly full, 05-push fails and says the storage is full (df on the registry host),
+    and what was stored before still pulls."""
+    from runbook_lib import lab as L
+    state, out = tmp_path / "state", env["out"]
+    L.add_host(FS_NAME, FS_ADDR, docker=True)
+    data = "/opt/k8s/registry/data"  # 04's remote_dir/data: the volume behind rootdirectory
     try:
+        ssh(FS_ADDR, f"mkdir -p {data} && mount -t tmpfs -o size=20m tmpfs {data}")
+        p = dict(registry_host=FS_ADDR, state_dir=str(state), client="skopeo")
+        notebook("03-certs", out, registry_host=FS_ADDR, state_dir=str(state))
+        notebook("04-registry", out, storage="filesystem", registry_host=FS_ADDR, state_dir=str(state))
+        notebook("05-push", out, image_name="fault/small:v1", **p)
+        pw = (state / "secrets" / "registry_password").read_text().strip()
+        fs = R.Reg(FS_ADDR, PORT, f"https://{FS_ADDR}:{PORT}", str(state / "ca" / "ca.pem"), "foo", pw,
+                   "/opt/k8s/registry", data)
         small = Store(fs)
-        small.push("fault/small", "v1", b"small layer")
-        # nearly full: leave ~200 KiB free, then the runbook pushes its busybox image (~1 MB layer)
-        ssh(ADDR, "d=/opt/fault/fs/data; avail=$(df -k --output=avail $d | tail -1); "
-                  "dd if=/dev/zero of=$d/filler bs=1k count=$((avail - 200)) status=none; df -k $d | tail -1")
-        p = dict(env["params"], registry_port=FS_PORT, client="skopeo", image_name="fault/big:v1")
-        p.pop("swift_subuser"), p.pop("container")
-        nb, err = notebook("05-push", env["out"], expect_error=True, **p)
+        small.images[("fault/small", "v1")] = small.pull("fault/small", "v1")
+        small.push("fault/small", "v2", b"small layer")
+        # nearly full: ~200 KiB left, then the runbook pushes an image with a new ~1 MB layer
+        ssh(FS_ADDR, f"avail=$(df -k --output=avail {data} | tail -1); "
+                     f"dd if=/dev/zero of={data}/filler bs=1k count=$((avail - 200)) status=none")
+        nb, err = notebook("05-push", out, expect_error=True, image_name="fault/big:v1", **p)
         text = outputs_text(nb)
-        assert "skopeo copy" in text and "failed" in text, text[-2000:]
+        assert err is not None and "skopeo copy" in text, text[-2000:]
+        assert "the registry's storage is full" in text and f"{data} on {FS_ADDR}" in text, text[-2000:]
+        assert "free space there or grow the volume" in text
+        small.assert_all_pull()  # nothing stored before is lost or corrupt
+        ssh(FS_ADDR, f"rm -f {data}/filler")  # space again: the same push now works
+        nb, _ = notebook("05-push", out, image_name="fault/big:v1", **p)
+        assert "VERDICT 05-push: PASS" in outputs_text(nb)
         small.assert_all_pull()
         env["store"].assert_all_pull()
-        explained = any(w in text.lower() for w in ("no space", "disk", "full", "enospc", "storage"))
-        if not explained:  # skopeo only says "500 Internal Server Error"; push.explain has nothing for it
-            pytest.xfail("05-push does not explain a 500 from a registry whose storage is full")
     finally:
-        R.stop(ADDR, name="fsreg", remote_dir="/opt/fault/fs")
+        ssh(FS_ADDR, f"docker rm -f registry >/dev/null 2>&1; umount {data}; true", check=False)
+        L.remove_host(FS_NAME)
+        subprocess.run(["rm", "-rf", f"/etc/containers/certs.d/{FS_ADDR}:{PORT}",
+                        f"/etc/docker/certs.d/{FS_ADDR}:{PORT}"], check=False)
