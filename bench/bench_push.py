@@ -70,40 +70,53 @@ def swift_session(rgw: str, uid: str, key: str) -> tuple[requests.Session, str]:
     return s, url
 
 
+DRIVERS = (("swift", 8000), ("s3", 8001), ("filesystem", 8002))  # registry:2 per storage driver, side by side
+
+
 def main(mb: int = 64, layers: int = 4, rounds: int = 3, keep_host: bool = False) -> dict:
     C.ensure_rgw()
     C.ensure_host()
+    C.reset_registry_host()  # a kept host may still run another bench's registry on 8000
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-push-"))
     cache_existed = os.path.exists(SKOPEO_CACHE)
     rgw = C.LAB["rgw_host"]
-    t_reg, t_swift, t_s3, sizes = [], [], [], []
+    t_reg = {d: [] for d, _ in DRIVERS}
+    t_swift, t_s3, sizes = [], [], []
     try:
-        reg = R.start(C.ADDR, work / "reg", storage="swift", uid=C.UID, container=C.CONTAINER)
         key, (access, secret) = R.swift_creds(rgw, C.UID)
-        certd = work / "certs.d"
-        certd.mkdir()
-        shutil.copy(reg.ca, certd / "ca.crt")
-        auth = work / "auth.json"
-        auth.write_text(json.dumps({"auths": {f"{C.ADDR}:{C.PORT}": {
-            "auth": base64.b64encode(f"{reg.user}:{reg.password}".encode()).decode()}}}))
-        os.chmod(auth, 0o600)
-        sw, swurl = swift_session(rgw, C.UID, key)
         s3 = requests.Session()
         s3.trust_env = False
         b3 = f"http://{rgw}:7480/{RAW_CONTAINER}-s3"
         s3.put(b3, headers=sigv4_headers("PUT", b3, access, secret))
+        breg = f"http://{rgw}:7480/{C.CONTAINER}-s3"  # the s3 driver does not create its bucket
+        s3.put(breg, headers=sigv4_headers("PUT", breg, access, secret))
+        auths, certds = {}, {}
+        for drv, port in DRIVERS:
+            reg = R.start(C.ADDR, work / f"reg-{drv}", storage=drv, port=port, uid=C.UID, name=f"registry-{drv}",
+                          remote_dir=f"/opt/bench/registry-{drv}",
+                          container=C.CONTAINER + ("-s3" if drv == "s3" else ""))
+            certds[drv] = work / f"certs.d-{drv}"
+            certds[drv].mkdir()
+            shutil.copy(reg.ca, certds[drv] / "ca.crt")
+            auths[f"{C.ADDR}:{port}"] = {"auth": base64.b64encode(f"{reg.user}:{reg.password}".encode()).decode()}
+        auth = work / "auth.json"
+        auth.write_text(json.dumps({"auths": auths}))
+        os.chmod(auth, 0o600)
+        sw, swurl = swift_session(rgw, C.UID, key)
         for i in range(rounds):
             lay = work / f"oci{i}"
             files = make_layout(lay, mb, layers)  # fresh random layers: nothing "already exists"
             total = sum(f.stat().st_size for f in files)
             sizes.append(total)
-            dst = f"docker://{C.ADDR}:{C.PORT}/bench/big:r{i}"
-            t, r = C.timed(subprocess.run, ["skopeo", "copy", "--quiet", "--dest-cert-dir", str(certd),
-                                            "--authfile", str(auth), f"oci:{lay}:v1", dst],
-                           capture_output=True, text=True, env={**os.environ, "TMPDIR": str(work)})
-            if r.returncode != 0:
-                raise RuntimeError(f"skopeo push failed: {r.stderr[-1500:]}")
-            t_reg.append(t)
+            order = DRIVERS if i % 2 == 0 else DRIVERS[::-1]
+            for drv, port in order:
+                dst = f"docker://{C.ADDR}:{port}/bench/big:r{i}"
+                t, r = C.timed(subprocess.run, ["skopeo", "copy", "--quiet", "--dest-cert-dir", str(certds[drv]),
+                                                "--authfile", str(auth), f"oci:{lay}:v1", dst],
+                               capture_output=True, text=True, env={**os.environ, "TMPDIR": str(work)})
+                if r.returncode != 0:
+                    raise RuntimeError(f"skopeo push ({drv}) failed: {r.stderr[-1500:]}")
+                t_reg[drv].append(t)
 
             def swift_put():
                 for f in files:
@@ -117,11 +130,12 @@ def main(mb: int = 64, layers: int = 4, rounds: int = 3, keep_host: bool = False
                     s3.put(u, data=data, headers=sigv4_headers("PUT", u, access, secret, payload=data)).raise_for_status()
             t_swift.append(C.timed(swift_put)[0])
             t_s3.append(C.timed(s3_put)[0])
-            print(f"round {i + 1}: {total / 1e6:.0f} MB: registry {t_reg[-1]:.2f} s, swift {t_swift[-1]:.2f} s, "
-                  f"s3 {t_s3[-1]:.2f} s", flush=True)
+            print(f"round {i + 1}: {total / 1e6:.0f} MB: " + ", ".join(f"registry/{d} {t_reg[d][-1]:.2f} s"
+                  for d, _ in DRIVERS) + f", raw swift {t_swift[-1]:.2f} s, raw s3 {t_s3[-1]:.2f} s", flush=True)
             shutil.rmtree(lay)
     finally:
-        R.stop(C.ADDR)
+        for drv, _ in DRIVERS:
+            R.stop(C.ADDR, name=f"registry-{drv}", remote_dir=f"/opt/bench/registry-{drv}")
         C.remove_rgw_user()  # its buckets (registry data and raw objects) go with --purge-data
         if not cache_existed:
             subprocess.run(["rm", "-f", SKOPEO_CACHE])
@@ -129,20 +143,26 @@ def main(mb: int = 64, layers: int = 4, rounds: int = 3, keep_host: bool = False
         if not keep_host:
             C.remove_host()
     mbps = lambda t: C.med(sizes) / 1e6 / C.med(t)  # noqa: E731
-    reg_, sw_, s3_ = mbps(t_reg), mbps(t_swift), mbps(t_s3)
+    sw_, s3_ = mbps(t_swift), mbps(t_s3)
+    rows = []
+    for drv, _ in DRIVERS:
+        m = mbps(t_reg[drv])
+        where = "RGW" if drv != "filesystem" else "the registry host's disk (no RGW: the registry's own ceiling)"
+        rows.append(f"| skopeo copy -> registry ({drv} driver) -> {where} | {C.med(t_reg[drv]):.2f} s | {m:.0f} MB/s | "
+                    f"**{m / sw_:.0%}** | **{m / s3_:.0%}** |")
+    best = max(mbps(t_reg["swift"]), mbps(t_reg["s3"]))
     body = "\n".join([
-        f"{C.med(sizes) / 1e6:.0f} MB of random data as {layers} gzip layers, control node -> RGW "
-        f"({rgw}, memstore OSD), median of {rounds} rounds, fresh layers each round.", "",
-        "| path | median time | throughput | vs raw Swift | vs raw S3 |", "|---|---|---|---|---|",
-        f"| skopeo copy oci: -> registry (swift driver) -> RGW | {C.med(t_reg):.2f} s | {reg_:.0f} MB/s | "
-        f"**{reg_ / sw_:.0%}** | **{reg_ / s3_:.0%}** |",
-        f"| raw Swift PUT (one object per layer) | {C.med(t_swift):.2f} s | {sw_:.0f} MB/s | 100% | |",
+        f"{C.med(sizes) / 1e6:.0f} MB of random data as {layers} gzip layers, control node -> bench host registry "
+        f"-> RGW ({rgw}, memstore OSD, beast tcp_nodelay=1 as 01-rgw sets it), median of {rounds} rounds, fresh "
+        "layers each round, the three registries pushed to in alternating order.", "",
+        "| path | median time | throughput | vs raw Swift | vs raw S3 |", "|---|---|---|---|---|", *rows,
+        f"| raw Swift PUT (one object per layer, python requests) | {C.med(t_swift):.2f} s | {sw_:.0f} MB/s | 100% | |",
         f"| raw S3 PUT (SigV4, payload hashed) | {C.med(t_s3):.2f} s | {s3_:.0f} MB/s | | 100% |",
-        "", f"Target ≥ {TARGET:.0%} of raw: {'met' if reg_ / max(sw_, s3_) >= TARGET else 'missed'} "
-        f"(against the faster raw path).",
+        "", f"Target ≥ {TARGET:.0%} of raw: {'met' if best / max(sw_, s3_) >= TARGET else 'missed'} "
+        f"(best RGW driver against the faster raw path: {best / max(sw_, s3_):.0%}).",
     ])
     C.append_results("Push throughput: registry vs raw RGW writes", body)
-    return {"registry_MBps": reg_, "swift_MBps": sw_, "s3_MBps": s3_}
+    return {"registry_MBps": {d: mbps(t_reg[d]) for d, _ in DRIVERS}, "swift_MBps": sw_, "s3_MBps": s3_}
 
 
 if __name__ == "__main__":

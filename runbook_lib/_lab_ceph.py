@@ -44,6 +44,12 @@ osd pool default pg autoscale mode = off
 osd crush chooseleaf type = 0
 osd objectstore = memstore
 osd fast shutdown = false
+# memstore's default 1 GiB filled up in one bench session (RGW keeps deleted data for its own GC):
+# a full OSD blocks every write, so pushes hang.  RAM is only used as data is written.
+memstore device bytes = 4294967296
+# RGW frees deleted objects' data after rgw_gc_obj_min_wait (default 2 h): minutes here
+rgw gc obj min wait = 60
+rgw gc processor period = 60
 # speed-ups (LAB.md: 13-19 s -> 4-6 s to HEALTH_OK)
 paxos propose interval = 0.1
 mgr stats period = 1
