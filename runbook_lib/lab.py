@@ -38,6 +38,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import signal
 import re
 import shutil
 import socket
@@ -465,6 +466,23 @@ def _start_host_dockerd(name: str):
             raise LabError(f"dockerd on {name} exited with {p.returncode}:\n{_tail(log)}")
         return _docker_ping(sock)
     wait_for(up_, 30, f"dockerd on {name}", detail=lambda: _tail(log))
+
+
+def restart_docker(name: str, timeout: float = 60) -> None:
+    """A host's reboot as docker sees it: dockerd stopped the way a shutdown stops it (SIGTERM: it stops
+    the containers), then started again as at boot (containers with a restart policy come back)."""
+    pid_file = _host_dir(name) / "dockerd.pid"
+    pid = int(pid_file.read_text())
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    def gone():  # exited (a zombie until whoever started it reaps it counts as exited)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return True
+        return stat[stat.rindex(")") + 2] == "Z"
+    wait_for(gone, timeout, f"dockerd on {name} to stop")
+    _start_host_dockerd(name)
 
 
 def _start_control_dockerd():

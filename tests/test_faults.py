@@ -275,6 +275,16 @@ def test_registry_killed_comes_back(env):
                        "04-registry": "changed", "05-push": "no change"}, changes
     assert _v2(reg) == 200
     store.assert_all_pull()
+    # the host reboots (dockerd stopped as a shutdown does, started as at boot): the registry comes back by
+    # its restart policy with its data (in RGW), and a deploy re-run finds nothing to do
+    from runbook_lib import lab as L
+    started = "docker inspect --format '{{.State.StartedAt}}' registry"
+    before = ssh(ADDR, started).stdout.strip()
+    L.restart_docker(NAME)
+    _wait(lambda: _v2(reg) == 200 or _v2(reg), 60, "the registry back after the host's docker restarted", 0.3)
+    assert ssh(ADDR, started).stdout.strip() != before  # a new start, not the old process
+    store.assert_all_pull()
+    assert set(_deploy_changes(env).values()) == {"no change"}
 
 
 # --------------------------------------------------------------------------- 3. sshd dies mid-run
