@@ -1159,17 +1159,16 @@ def garbage_collect(ctx, delete_untagged: bool = False, run: bool = True, dry_ru
                 _stop(ctx, dep, x, state)
                 stopped.append(x)
         argv = gc_argv(dep, dry_run=False, delete_untagged=delete_untagged, stopped=True)
-        hint = "the registry is restarted anyway; look at the output above"
         r = h.run(argv, timeout=1800, check=False)
         if r.exit_code not in (0, None) and "failed to mark" in r.stdout + r.stderr:
             # the mark phase only reads (nothing is deleted before the sweep): a storage error there
             # (seen once on swift: "Operation forbidden" right after pushes were cut off) is retried once
             steps.note("garbage-collect failed in its mark phase (nothing deleted): retrying once")
             time.sleep(2)
-            r = h.run(argv, timeout=1800, hint=hint)
-        elif r.exit_code not in (0, None):
-            raise CommandFailed(h.name, " ".join(shlex.quote(a) for a in argv), r.exit_code, r.stdout, r.stderr,
-                                hint=hint)
+            r = h.run(argv, timeout=1800, check=False)
+        if r.exit_code not in (0, None):
+            raise CommandFailed(h.name, r.command, r.exit_code, r.stdout, r.stderr,
+                                hint="the registry is restarted anyway; look at the output above")
         out["ran"] = not r.skipped
     finally:
         for x in stopped:
