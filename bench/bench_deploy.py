@@ -13,25 +13,9 @@ import json
 import pathlib
 import tempfile
 
-import nbformat
-
 import _common as C
 
 TARGET_RATIO, TARGET_RERUN = 1.3, 10.0
-
-
-def deploy_notebook(work: pathlib.Path) -> tuple[str, list[str]]:
-    """deploy.ipynb, or (while it does not declare `container`) a copy that does: RGW bucket names are
-    global, and the shared deployment owns "registry"."""
-    src = C.ROOT / "notebooks" / "deploy.ipynb"
-    nb = nbformat.read(str(src), as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    if "\ncontainer:" in "\n" + cell.source:
-        return str(src), []
-    cell.source += '\ncontainer: str = "registry"  # Swift container / S3 bucket (bench copy: RGW names are global)'
-    out = work / "deploy.ipynb"
-    nbformat.write(nb, str(out))
-    return str(out), ["copy of notebooks/deploy.ipynb with a `container` parameter added"]
 
 
 def run_runbook(nb: str, state: str, runs: str) -> dict:
@@ -61,7 +45,7 @@ def run_plain(work: str) -> float:
 def main(rounds: int = 2, keep_host: bool = False) -> dict:
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     state, runs, plain = str(work / "state"), str(work / "runs"), str(work / "plain")
-    nb, notes = deploy_notebook(work)
+    nb = str(C.ROOT / "notebooks" / "deploy.ipynb")
     C.ensure_rgw()
     C.ensure_host()
     rb, pl, last = [], [], None
@@ -105,7 +89,7 @@ def main(rounds: int = 2, keep_host: bool = False) -> dict:
         + ", ".join(f"{k} {v:.1f} s" for k, v in sect.items())
         + f"; the rest ({t_rb - sum(sect.values()):.1f} s) is the CLI, the deploy notebook's own kernel and "
         "each section's HTML rendering.",
-    ] + [f"Note: {n}." for n in notes]
+    ]
     C.append_results("Deploy: runbook vs plain bash", "\n".join(body))
     return {"runbook": t_rb, "plain": t_pl, "ratio": ratio, "rerun": again["wall"], "sections": sect}
 
