@@ -125,8 +125,9 @@ def step_counts(nb) -> dict:
 
 def running_frontends(h) -> str:
     """What the running radosgw loaded (its admin socket), not what ceph.conf says."""
-    r = h.run(cmd("ceph --admin-daemon \"$(ls /var/run/ceph/ceph-client.rgw.ceph1.*.asok | head -1)\" "
-                  "config get rgw_frontends"), read=True)
+    # the socket of the pid in the pidfile: a daemon killed earlier can leave its own socket file behind
+    r = h.run(cmd("ceph --admin-daemon \"$(ls /var/run/ceph/ceph-client.rgw.ceph1.$(cat {p}).*.asok)\" "
+                  "config get rgw_frontends", p=rgw.paths("rgw.ceph1")["pid"]), read=True)
     return json.loads(r.stdout)["rgw_frontends"]
 
 
