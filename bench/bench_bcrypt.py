@@ -12,7 +12,6 @@ import time
 import _common as C
 import _registry as R
 from runbook_lib import registry
-from runbook_lib.host import cmd
 
 
 def main(n: int = 40, costs=(4, 5, 6, 8, 10, 12), keep_host: bool = False) -> dict:

@@ -17,7 +17,6 @@ import os
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import _common as C
 import _registry as R

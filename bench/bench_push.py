@@ -14,7 +14,6 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-import time
 
 import requests
 

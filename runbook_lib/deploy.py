@@ -200,7 +200,7 @@ class WarmKernel:
         def _stop():
             try:
                 self.km.shutdown_kernel(now=False)
-            except Exception:
+            except Exception:  # already gone; stop(wait=True) at the end of the run joins this
                 pass
             finally:
                 self.log.close()

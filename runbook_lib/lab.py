@@ -38,9 +38,9 @@ import hashlib
 import ipaddress
 import json
 import os
-import signal
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -475,6 +475,7 @@ def restart_docker(name: str, timeout: float = 60) -> None:
     pid = int(pid_file.read_text())
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
+
     def gone():  # exited (a zombie until whoever started it reaps it counts as exited)
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()

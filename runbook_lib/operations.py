@@ -777,7 +777,6 @@ def references(ctx, repository: str, tag_list=None) -> dict:
     (configs and layers, through indexes to their platform manifests)."""
     c = client(ctx)
     tag_list = list(c.tags(repository) if tag_list is None else tag_list)
-    cache: dict[str, Image] = {}
 
     def walk(ref):
         img = c.image(repository, ref)
