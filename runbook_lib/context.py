@@ -18,7 +18,7 @@ import time
 
 from . import journal, masking, params as P, steps
 from .errors import CheckFailed, ParameterError
-from .host import Host, LocalHost, SSHHost
+from .host import Host, connect
 
 _current = None
 
@@ -58,18 +58,20 @@ class Context:
     def host(self, address: str) -> Host:
         """The host object for an address (one connection per host, reused)."""
         if address not in self._hosts:
-            if address == "local":
-                self._hosts[address] = LocalHost(dry_run=self.dry_run)
-            else:
-                p = self.params
-                key = os.path.expanduser(p.get("ssh_key") or "") or None
-                kh = os.path.expanduser(p.get("known_hosts") or "~/.ssh/known_hosts")
-                self._hosts[address] = SSHHost(address, user=p.get("ssh_user", "root"), port=p.get("ssh_port", 22),
-                                               key_filename=key, known_hosts=kh, dry_run=self.dry_run)
+            self._hosts[address] = connect(address, self.params, dry_run=self.dry_run)
         return self._hosts[address]
 
     def hosts(self, value) -> list[Host]:
         return [self.host(h) for h in P.as_list(value)]
+
+    def check_hosts(self) -> dict[str, str]:
+        """Log in to every host the parameters name and check become (a read on each): a host
+        whose sudo wants a password, or whose key or login is refused, stops the run here,
+        before any host is changed.  Returns {address: "sudo" | "root" | "none"}."""
+        from .journal import parallel
+        addrs = sorted({h for k, v in self.params.items() if k.endswith("_host") and v
+                        for h in P.as_list(v) if h != "local"})
+        return dict(zip(addrs, parallel(lambda a: self.host(a).check_become(), addrs)))
 
     @property
     def local(self) -> Host:

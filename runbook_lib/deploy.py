@@ -301,12 +301,20 @@ def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> Dep
         _OWNED.add(str(run_.path))
         os.environ.update(run_.env())  # the sections' engine and kernels write here
     run_.update(parameters=masking.mask(ctx.params), dry_run=ctx.dry_run)
+    # Every host at once, before section 1 changes anything: a refused login or a sudo that
+    # wants a password on the last host must not leave the first half deployed.
     report = DeployReport(run_, dry_run=ctx.dry_run, owner=owner)
     _stack_dumps(run_)
     todo = sections(notebooks_dir)
     if only:
         todo = [p for p in todo if p.stem in P.as_list(only) or p.stem.split("-")[0] in P.as_list(only)]
     print(f"run folder: {run_.path}")
+    try:
+        access = ctx.check_hosts()
+    except RunbookError as e:
+        _finish(report, owner, error=f"hosts not ready, nothing changed: {e.message}")
+        raise
+    print("hosts: " + ", ".join(f"{a} ({how})" for a, how in access.items()))
     print(f"sections: {', '.join(p.stem for p in todo) or '(none found in ' + str(notebooks_dir or NOTEBOOKS) + ')'}"
           + ("  [dry run: nothing will change]" if ctx.dry_run else ""))
     kernels: list[WarmKernel] = []

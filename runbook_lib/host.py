@@ -5,6 +5,11 @@ One backend class per transport (as pytest-testinfra): `SSHHost` over fabric,
 `cmd()` from a template with shlex-quoted arguments; a plain str is refused.
 Every call is timed, masked, journaled, and skipped in dry-run unless it is a
 read (reads are needed to decide, and are marked as such).
+
+Privilege comes from `become` (as Ansible's), here and nowhere else: a host made with
+become=True runs every command and every file write as root through `sudo -n` (never a
+prompt, never a hang), after one check per connection that sudo works without a password.
+A login that is already root needs no sudo.  Modules never write `sudo` themselves.
 """
 from __future__ import annotations
 
@@ -46,14 +51,46 @@ def argv(*words) -> Command:
     return Command(quote(list(words)))
 
 
+BECOME_CHECK = Command('if [ "$(id -u)" = 0 ]; then echo root; else sudo -n true 2>&1 && echo sudo; fi')
+
+
+def become_wrap(command: str) -> str:
+    """`command` run as root through sudo: no prompt (-n), root's HOME (-H), one shell word."""
+    return "sudo -n -H -- /bin/sh -c " + shlex.quote(command)
+
+
+def become_problem(output: str, user: str) -> tuple[str, str] | None:
+    """(message, hint) when BECOME_CHECK's output says sudo cannot be used, else None."""
+    last = output.strip().splitlines()[-1] if output.strip() else ""
+    if last in ("root", "sudo"):
+        return None
+    fix_rule = f"{user} ALL=(ALL) NOPASSWD: ALL"
+    if "password is required" in output or "a terminal is required" in output:
+        return (f"become: sudo wants a password for {user} (the runbook never types one)",
+                f"give {user} passwordless sudo (e.g. '{fix_rule}' in /etc/sudoers.d/{user}, mode 0440), "
+                "or log in as root with ssh_user: root and become: false")
+    if "not found" in output:
+        return (f"become: sudo is not installed (logged in as {user})",
+                "install it (apt-get install sudo / dnf install sudo) and allow passwordless sudo, "
+                "or log in as root with ssh_user: root and become: false")
+    if "not in the sudoers" in output or "not allowed" in output or "may not run sudo" in output:
+        return (f"become: {user} may not use sudo ({last[:200]})",
+                f"add '{fix_rule}' to /etc/sudoers.d/{user} (mode 0440), or log in as root")
+    return (f"become: sudo -n true failed for {user}: {output.strip()[-300:]}",
+            "check sudo on that host (sudo -n true must succeed as the SSH user)")
+
+
 class Host:
-    """Common logic; subclasses implement _exec, _write, _read_bytes."""
+    """Common logic; subclasses implement _exec (and may override _write, _read_bytes)."""
 
     kind = "abstract"
+    user = "root"
 
-    def __init__(self, name: str, *, dry_run: bool = False):
+    def __init__(self, name: str, *, dry_run: bool = False, become: bool = False):
         self.name = name
         self.dry_run = dry_run
+        self.become = become
+        self._sudo: bool | None = None   # None: not checked yet on this connection
         self._facts: dict = {}
 
     def __repr__(self):
@@ -74,11 +111,11 @@ class Host:
             changed = not read
         if self.dry_run and not read:
             return record(Result(self.name, command, exit_code=None, skipped=True, changed=changed,
-                                 no_log=no_log))
+                                 no_log=no_log, become=self.become))
         t0 = time.monotonic()
-        rc, out, err = self._exec(str(command), stdin=stdin, timeout=timeout)
+        rc, out, err = self._sh(str(command), stdin=stdin, timeout=timeout)
         res = Result(self.name, command, rc, out, err, time.monotonic() - t0,
-                     changed=bool(changed and rc in ok_codes), read=read, no_log=no_log)
+                     changed=bool(changed and rc in ok_codes), read=read, no_log=no_log, become=self.uses_sudo)
         record(res)
         if check and rc not in ok_codes:
             raise CommandFailed(self.name, command, rc, "" if no_log else out, "" if no_log else err, hint=hint)
@@ -94,7 +131,7 @@ class Host:
         t0 = time.monotonic()
         data = self._read_bytes(path)
         record(Result(self.name, f"read {path}", 0 if data is not None else 1, duration=time.monotonic() - t0,
-                      read=True, kind="file", no_log=True))
+                      read=True, kind="file", no_log=True, become=self.uses_sudo))
         return data
 
     def put_file(self, path: str, content: str | bytes, *, mode: int = 0o644, secret: bool = False,
@@ -113,18 +150,19 @@ class Host:
         same_mode = len(lines) >= 3 and lines[2] == format(mode, "o")
         what = f"write {path} (mode {mode:o}, {len(content)} bytes, sha256 {want[:12]})"
         if same_content and same_mode:
-            return record(Result(self.name, what, 0, kind="file", read=True, changed=False))
+            return record(Result(self.name, what, 0, kind="file", read=True, changed=False, become=self.uses_sudo))
         if self.dry_run:
-            return record(Result(self.name, what, None, skipped=True, changed=True, kind="file", no_log=secret))
+            return record(Result(self.name, what, None, skipped=True, changed=True, kind="file", no_log=secret,
+                                 become=self.become))
         t0 = time.monotonic()
         if mkdir:
-            self._exec(str(cmd("mkdir -p {d}", d=os.path.dirname(path) or ".")))
+            self._sh(str(cmd("mkdir -p {d}", d=os.path.dirname(path) or ".")))
         if same_content:
-            self._exec(str(cmd("chmod {m} {p}", m=format(mode, "o"), p=path)))
+            self._sh(str(cmd("chmod {m} {p}", m=format(mode, "o"), p=path)))
         else:
             self._write(path, content, mode)
         return record(Result(self.name, what, 0, duration=time.monotonic() - t0, kind="file", changed=True,
-                             no_log=secret))
+                             no_log=secret, become=self.uses_sudo))
 
     def exists(self, path: str) -> bool:
         return self.test(cmd("test -e {p}", p=path))
@@ -139,6 +177,35 @@ class Host:
     def close(self):
         pass
 
+    # -- become -----------------------------------------------------------------
+    @property
+    def uses_sudo(self) -> bool:
+        """Commands go through sudo: become is on and the login is not root (after the check)."""
+        return bool(self.become and self._sudo)
+
+    def check_become(self) -> str:
+        """With become, make sure sudo works without a password (once per connection; a read).
+        Raises HostAuthError naming the host and the fix.  Returns how privilege is had:
+        "root" (the login is root), "sudo", or "none" (become off)."""
+        if not self.become:
+            return "none"
+        if self._sudo is None:
+            t0 = time.monotonic()
+            rc, out, err = self._exec(str(BECOME_CHECK), timeout=30)
+            problem = become_problem(out + err, self.user)
+            record(Result(self.name, f"become check as {self.user}: {BECOME_CHECK}", 1 if problem else 0,
+                          out, err, time.monotonic() - t0, read=True))
+            if problem:
+                raise HostAuthError(self.name, *problem)
+            self._sudo = out.strip().splitlines()[-1] == "sudo"
+        return "sudo" if self._sudo else "root"
+
+    def _sh(self, command: str, stdin=None, timeout=None) -> tuple[int, str, str]:
+        """The one way a command reaches the transport: through sudo when become says so."""
+        if self.become and self._sudo is None:
+            self.check_become()
+        return self._exec(become_wrap(command) if self.uses_sudo else command, stdin=stdin, timeout=timeout)
+
     # -- transport -------------------------------------------------------------
     def _exec(self, command: str, stdin=None, timeout=None) -> tuple[int, str, str]:
         raise NotImplementedError
@@ -148,12 +215,12 @@ class Host:
         # (umask 077 first) and replaced atomically (mv).
         tmp = f"{path}.runbook-tmp"
         c = cmd("umask 077 && cat > {t} && chmod {m} {t} && mv -f {t} {p}", t=tmp, m=format(mode, "o"), p=path)
-        rc, out, err = self._exec(str(c), stdin=content)
+        rc, out, err = self._sh(str(c), stdin=content)
         if rc != 0:
             raise CommandFailed(self.name, f"write {path}", rc, "", err)
 
     def _read_bytes(self, path: str) -> bytes | None:
-        rc, out, err = self._exec(str(cmd("test -f {p} && base64 -w0 {p}", p=path)))
+        rc, out, err = self._sh(str(cmd("test -f {p} && base64 -w0 {p}", p=path)))
         if rc != 0:
             return None
         import base64
@@ -167,6 +234,8 @@ class LocalHost(Host):
 
     def __init__(self, name: str = "local", **kw):
         super().__init__(name, **kw)
+        import getpass
+        self.user = getpass.getuser()
 
     def _exec(self, command, stdin=None, timeout=None):
         if isinstance(stdin, str):
@@ -196,8 +265,8 @@ class SSHHost(Host):
 
     def __init__(self, address: str, *, user: str = "root", port: int = 22, key_filename: str | None = None,
                  known_hosts: str | None = None, connect_timeout: float = 10, name: str | None = None,
-                 dry_run: bool = False):
-        super().__init__(name or address, dry_run=dry_run)
+                 dry_run: bool = False, become: bool = False):
+        super().__init__(name or address, dry_run=dry_run, become=become)
         self.address, self.user, self.port = address, user, int(port)
         self.key_filename = key_filename
         self.known_hosts = known_hosts or DEFAULT_KNOWN_HOSTS
@@ -210,6 +279,7 @@ class SSHHost(Host):
         with self._lock:
             if self._conn is None or not self._conn.is_connected:
                 self._conn = self._connect()
+                self._sudo = None  # checked again on the new connection
             return self._conn
 
     def _connect(self):
@@ -277,3 +347,16 @@ class SSHHost(Host):
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def connect(address: str, params: dict, *, dry_run: bool = False, connect_timeout: float = 10) -> Host:
+    """The host object for an address and a section's parameters (ssh_user, ssh_port, ssh_key,
+    known_hosts, become): "local" is the control node."""
+    become = bool(params.get("become", False))
+    if address == "local":
+        return LocalHost(dry_run=dry_run, become=become and os.geteuid() != 0)
+    key = os.path.expanduser(params.get("ssh_key") or "") or None
+    kh = os.path.expanduser(params.get("known_hosts") or DEFAULT_KNOWN_HOSTS)
+    return SSHHost(address, user=params.get("ssh_user") or "root", port=params.get("ssh_port") or 22,
+                   key_filename=key, known_hosts=kh, dry_run=dry_run, become=become,
+                   connect_timeout=connect_timeout)

@@ -40,6 +40,7 @@ class Result:
     skipped: bool = False  # dry-run: would have run
     no_log: bool = False
     kind: str = "cmd"  # cmd | file | http
+    become: bool = False  # ran as root through sudo (the host's become)
     started: float = field(default_factory=time.time)
 
     @property
@@ -52,7 +53,7 @@ class Result:
         return {
             "host": self.host, "kind": self.kind, "command": mask(self.command),
             "exit_code": self.exit_code, "duration": round(self.duration, 4),
-            "changed": self.changed, "read": self.read, "skipped": self.skipped,
+            "changed": self.changed, "read": self.read, "skipped": self.skipped, "become": self.become,
             "stdout": out, "stderr": err,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
         }

@@ -309,7 +309,7 @@ VERSION_COMMANDS = {
 
 def tool_versions(params: dict, timeout: float = 15) -> dict:
     """Versions of what the run used; 'unknown' where a host or tool does not answer."""
-    from .host import Command, LocalHost, SSHHost
+    from .host import Command, connect
     from .journal import parallel
     from . import params as P
 
@@ -323,14 +323,7 @@ def tool_versions(params: dict, timeout: float = 15) -> dict:
 
     def host_for(addr):
         if addr not in hosts:
-            if addr == "local":
-                hosts[addr] = LocalHost()
-            else:
-                key = os.path.expanduser(params.get("ssh_key") or "") or None
-                kh = os.path.expanduser(params.get("known_hosts") or "~/.ssh/known_hosts")
-                hosts[addr] = SSHHost(addr, user=params.get("ssh_user") or "root",
-                                      port=params.get("ssh_port") or 22, key_filename=key, known_hosts=kh,
-                                      connect_timeout=5)
+            hosts[addr] = connect(addr, params, connect_timeout=5)
         return hosts[addr]
 
     def probe(job):

@@ -1,6 +1,8 @@
-"""Small helpers several lab test modules share (images built by hand, RGW liveness)."""
+"""Small helpers several lab test modules share (lab hosts, images built by hand, RGW liveness)."""
 import gzip
 import io
+import shlex
+import subprocess
 import tarfile
 
 import requests
@@ -26,3 +28,20 @@ def rgw_answers(host: str = LAB_PARAMS["rgw_host"], port: int = LAB_PARAMS["rgw_
         return s.get(f"http://{host}:{port}/", timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def lab_host(addr: str, **params):
+    """A lab host reached the way the notebooks reach it (params/lab.yaml: ssh_user k8s, become)."""
+    from runbook_lib.host import connect
+    return connect(addr, {**LAB_PARAMS, **params})
+
+
+def lab_ssh(addr: str, command: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    """A shell command as root on a lab host over plain OpenSSH (k8s + sudo -n): the tests' own
+    hands on a host, outside the runbook's host layer."""
+    from runbook_lib import lab
+    r = subprocess.run(lab.ssh_argv(addr, "sudo -n sh -c " + shlex.quote(command)), capture_output=True, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{addr}: {command}: exit {r.returncode}: {r.stderr[-500:]}")
+    return r

@@ -117,3 +117,32 @@ def test_put_file_is_idempotent_and_sets_mode(tmp_path):
 def test_short_secrets_are_refused():
     with pytest.raises(ValueError):
         masking.register("abc")
+
+
+# ---------------------------------------------------------------- become: the pure parts
+
+def test_become_problem_names_each_sudo_failure_with_its_fix():
+    from runbook_lib.host import become_problem
+    assert become_problem("root\n", "k8s") is None and become_problem("sudo\n", "k8s") is None
+    msg, hint = become_problem("sudo: a password is required\n", "k8s")
+    assert "password" in msg and "k8s ALL=(ALL) NOPASSWD: ALL" in hint and "become: false" in hint
+    msg, hint = become_problem("sh: 1: sudo: not found\n", "ops")
+    assert "not installed" in msg and "apt-get install sudo" in hint
+    msg, hint = become_problem("k8s is not in the sudoers file.  This incident will be reported.\n", "k8s")
+    assert "may not use sudo" in msg and "/etc/sudoers.d/k8s" in hint
+
+
+def test_become_wrap_keeps_the_command_one_quoted_word():
+    from runbook_lib.host import become_wrap
+    c = cmd("printf %s {v}", v="it's $(id) `x`; y")
+    words = shlex.split(become_wrap(c))
+    assert words[:5] == ["sudo", "-n", "-H", "--", "/bin/sh"] and words[5] == "-c" and words[6] == c
+    assert shlex.split(words[6]) == ["printf", "%s", "it's $(id) `x`; y"]
+
+
+def test_local_host_as_root_never_wraps_in_sudo():
+    import os
+    h = LocalHost(become=True)
+    if os.geteuid() == 0:
+        assert h.check_become() == "root" and not h.uses_sudo
+        assert h.run(cmd("id -u"), read=True).stdout.strip() == "0"

@@ -1,6 +1,8 @@
-"""The host layer over real SSH to the lab's hosts: host keys, errors, dry-run, files."""
+"""The host layer over real SSH to the lab's hosts: host keys, errors, dry-run, files, become (sudo)."""
+import json
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -13,6 +15,8 @@ CEPH1, REG1 = "198.18.0.2", "198.18.0.3"
 
 
 def host(lab, addr=CEPH1, **kw):
+    kw.setdefault("user", lab.SSH_USER)
+    kw.setdefault("become", True)
     kw.setdefault("key_filename", str(lab.SSH_KEY))
     kw.setdefault("known_hosts", str(lab.KNOWN_HOSTS))
     return SSHHost(addr, **kw)
@@ -104,3 +108,98 @@ def test_stdin_reaches_the_command_without_a_command_line(lab):
     h = host(lab)
     r = h.run(cmd("cat"), stdin="from-stdin-" * 100, read=True)
     assert r.stdout == "from-stdin-" * 100
+
+
+# ---------------------------------------------------------------- become (sudo -n in the host layer)
+
+HOSTILE = ["a b", "it's", 'say "hi"', "x; id", "$(id -u)", "`id`", "*"]
+
+
+def test_become_runs_commands_and_file_writes_as_root_through_sudo(lab, tmp_path, monkeypatch):
+    jpath = tmp_path / "journal.jsonl"
+    monkeypatch.setenv("RUNBOOK_JOURNAL", str(jpath))
+    plain, root = host(lab, become=False), host(lab)
+    assert plain.run(cmd("id -un"), read=True).stdout.strip() == lab.SSH_USER
+    p = "/etc/runbook-become-proof/secret.conf"
+    assert plain.run(cmd("mkdir -p /etc/runbook-become-proof"), check=False).exit_code != 0  # k8s may not
+    n_plain = len(jpath.read_text().splitlines())
+    assert root.run(cmd("id -un"), read=True).stdout.strip() == "root"
+    assert root.check_become() == "sudo" and root.uses_sudo
+    for v in HOSTILE:  # the quoting survives the extra shell sudo runs
+        assert root.run(cmd("printf %s {v}", v=v), read=True).stdout == v
+    root.run(cmd("rm -rf /etc/runbook-become-proof"))
+    assert root.put_file(p, "k=v\n", mode=0o600, secret=True).changed
+    assert root.run(cmd("stat -c %U:%a {p}", p=p), read=True).stdout.strip() == "root:600"
+    assert root.read_file(p) == b"k=v\n"
+    assert not root.put_file(p, "k=v\n", mode=0o600, secret=True).changed
+    assert plain.read_file(p) is None  # really root-only
+    root.run(cmd("rm -rf /etc/runbook-become-proof"))
+    entries = [json.loads(l) for l in jpath.read_text().splitlines()]
+    assert not any(e["become"] for e in entries[:n_plain])
+    checks = [e for e in entries if e["command"].startswith("become check as k8s")]
+    assert len(checks) == 1 and checks[0]["exit_code"] == 0  # once per connection, recorded
+    mine = [e for e in entries[n_plain:-2] + entries[-1:] if e not in checks]  # all but plain's read_file
+    assert len(mine) > 10 and all(e["become"] for e in mine), [e for e in mine if not e["become"]]
+    assert all("sudo" not in e["command"] for e in entries)  # the journal shows the command, not the wrapper
+
+
+def test_stdin_secret_through_sudo_stays_off_the_command_line(lab):
+    """A secret given on stdin to a command run through sudo never shows in the host's process list."""
+    secret = "stdin-only-" + "x" * 20
+    h, watcher = host(lab), host(lab, become=False)
+    import threading
+    seen = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.append(watcher.run(cmd("ps -eo args"), read=True).stdout)
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        r = h.run(cmd("sleep 1; cat"), stdin=secret, read=True, no_log=True)
+    finally:
+        done.set()
+        t.join()
+    assert r.stdout == secret
+    assert len(seen) >= 2 and any("sleep 1" in s for s in seen)  # the watcher saw the command run
+    assert not any(secret in s for s in seen)
+
+
+def test_root_login_is_refused_on_every_lab_host(lab):
+    for name, addr in lab.HOSTS.items():
+        with pytest.raises(errors.HostAuthError):
+            host(lab, addr, user="root", become=False).run(cmd("true"), read=True)
+        r = subprocess.run(lab.ssh_argv(addr, "true", user="root"), capture_output=True, text=True, timeout=30)
+        assert r.returncode == 255 and "Permission denied" in r.stderr, (name, r.stderr)
+
+
+def test_sudo_that_wants_a_password_is_a_clear_error_and_changes_nothing(lab):
+    name, addr = "labtest-sudopw", "198.18.0.40"
+    lab.add_host(name, addr, sudo="password")
+    try:
+        h = host(lab, addr)
+        t0 = time.monotonic()
+        with pytest.raises(errors.HostAuthError) as ei:
+            h.run(cmd("touch /etc/runbook-must-not-exist"))
+        assert time.monotonic() - t0 < 20  # refused at once, never a hang on a prompt
+        e = ei.value
+        assert e.host == addr and "password" in str(e) and "NOPASSWD" in e.hint and "become: false" in e.hint
+        assert host(lab, addr, become=False).run(cmd("test -e /etc/runbook-must-not-exist"), read=True,
+                                                 check=False).exit_code == 1
+        assert lab.host_exec(name, ["test", "-e", "/etc/runbook-must-not-exist"], check=False).returncode == 1
+    finally:
+        lab.remove_host(name)
+
+
+def test_become_with_a_root_login_needs_no_sudo(lab):
+    """become: true with ssh_user root (hosts of the old kind): commands run as they are."""
+    name, addr = "labtest-rootlogin", "198.18.0.41"
+    lab.add_host(name, addr, systemd=False)
+    try:
+        h = host(lab, addr, user="root")
+        assert h.run(cmd("id -u"), read=True).stdout.strip() == "0"
+        assert h.check_become() == "root" and not h.uses_sudo
+        assert host(lab, addr, user="root", become=False).run(cmd("id -u"), read=True).stdout.strip() == "0"
+    finally:
+        lab.remove_host(name)

@@ -7,7 +7,7 @@ import papermill as pm
 import pytest
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
-COMMON = {"rgw_host", "rgw_port", "registry_host", "registry_port", "registry_user", "uid", "ssh_user",
+COMMON = {"rgw_host", "rgw_port", "registry_host", "registry_port", "registry_user", "uid", "ssh_user", "become",
           "ssh_port", "ssh_key", "known_hosts", "dry_run", "state_dir"}
 
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import LAB_PARAMS, NOTEBOOKS, ROOT, outputs_text
 from runbook_lib import diagram, htmlreport, ui
 
-COMMON = {"rgw_host", "rgw_port", "registry_host", "registry_port", "registry_user", "uid", "ssh_user", "ssh_port",
+COMMON = {"rgw_host", "rgw_port", "registry_host", "registry_port", "registry_user", "uid", "ssh_user", "become", "ssh_port",
           "ssh_key", "known_hosts", "dry_run", "state_dir"}
 
 
