@@ -12,7 +12,7 @@ import os
 import re
 import tarfile
 
-from ._lab_proc import LabError, run
+from .proc import LabError, run
 
 MTIME = 1700000000
 REGISTRY_BIN = "/usr/bin/docker-registry"

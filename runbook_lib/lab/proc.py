@@ -1,16 +1,74 @@
-"""Process, mount and command helpers for `runbook_lib.lab` (standard library only).
+"""Where the lab lives, and process, mount and command helpers for `runbook_lib.lab`
+(standard library only).
 
 Everything here works from the root namespaces and reads /proc directly, so it also finds
 the processes of an earlier lab that ran from another folder or whose runner died.
 """
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import shlex
 import signal
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# ---------------------------------------------------------------- the lab's places and addresses
+
+LAB_DIR = Path("/var/lib/runbook-lab")
+RUN_DIR = Path("/run/runbook-lab")          # control dockerd's exec root and pidfile
+SSH_DIR = LAB_DIR / "ssh"
+SSH_KEY = SSH_DIR / "id_ed25519"
+KNOWN_HOSTS = SSH_DIR / "known_hosts"
+AUTHORIZED_KEYS = SSH_DIR / "authorized_keys"
+HOSTKEY_DIR = SSH_DIR / "hostkeys"
+HOSTS_DIR = LAB_DIR / "hosts"
+ROOTFS_DIR = LAB_DIR / "rootfs"             # host images (kept across down)
+APT_CACHE_DIR = LAB_DIR / "apt-cache"       # the apt proxy's cache (kept across down)
+PROXY_DIR = LAB_DIR / "proxy"               # the apt proxy's config, logs, pid
+CONTROL_DIR = LAB_DIR / "control"
+IMAGES_DIR = LAB_DIR / "images"
+ETC_HOSTS = LAB_DIR / "etc-hosts"           # legacy hosts bind-mount it
+LOCK_FILE = Path("/run/lock/runbook-lab.lock")
+
+BRIDGE = "rblab0"
+NETWORK = ipaddress.ip_network("198.18.0.0/24")
+CONTROL_ADDR = "198.18.0.1"
+CONTROL_NAME = "control"
+NS_PREFIX = "rbl-"
+CGROUP_PREFIX = "lab-"
+PROXY_PORT = 3142
+SSH_USER = "k8s"
+
+# ---------------------------------------------------------------- progress lines
+
+_print_lock = threading.Lock()
+
+
+def log(msg: str):
+    with _print_lock:
+        try:
+            print(f"[lab] {msg}", file=sys.stdout, flush=True)
+        except (OSError, ValueError):  # closed/broken stdout must not break the lab
+            pass
+
+
+@contextlib.contextmanager
+def step(what: str):
+    """Print how long `what` took (`[lab] what   1.23 s`)."""
+    t = time.monotonic()
+    try:
+        yield
+    except Exception:
+        log(f"{what:<44} FAILED after {time.monotonic() - t:.2f} s")
+        raise
+    log(f"{what:<44} {time.monotonic() - t:6.2f} s")
+
 
 # A clean environment for everything started inside a lab host (like an ssh login gets).
 CLEAN_ENV = {
@@ -107,6 +165,8 @@ class Proc:
     netns: int | None = None
     mntns: int | None = None
     rss: int = 0  # bytes
+    pidns: int | None = None
+    starttime: int = 0  # clock ticks after boot (with pid: a process's identity)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -133,7 +193,8 @@ def read_proc(pid: int) -> Proc | None:
     comm = stat[lp + 1:rp]
     rest = stat[rp + 2:].split()
     return Proc(pid=pid, ppid=int(rest[1]), state=rest[0], comm=comm, cmdline=cmdline,
-                netns=_ns_ino(pid, "net"), mntns=_ns_ino(pid, "mnt"), rss=rss)
+                netns=_ns_ino(pid, "net"), mntns=_ns_ino(pid, "mnt"), rss=rss,
+                pidns=_ns_ino(pid, "pid"), starttime=int(rest[19]))
 
 
 def processes() -> dict[int, Proc]:

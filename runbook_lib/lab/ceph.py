@@ -1,8 +1,11 @@
 """A single-node Ceph (pacific, cephx on) inside one lab host: mon `a`, mgr `x`, memstore osd.0.
 
-Runs every daemon directly (no systemd), with the settings measured in LAB.md.  Keys are made
-here (the cephx key format) and the mgr key is put in the mon keyring at mkfs, so the only
-`ceph` CLI call before the health wait is `ceph osd new`.
+bootstrap(): on a host with systemd, as an admin node would: keyrings owned by ceph, the stock
+units `ceph-mon@a`, `ceph-mgr@x`, `ceph-osd@0` enabled and started (they come back after a
+reboot), plus two ordering drop-ins that make a reboot fast (LAB.md).  start(): the same cluster
+with every daemon run directly (a legacy host, no systemd).  Keys are made here (the cephx key
+format) and the mgr key is put in the mon keyring at mkfs, so the only `ceph` CLI call before
+the health wait is `ceph osd new`.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import struct
 import time
 import uuid
 
-from ._lab_proc import LabError, wait_for
+from .proc import LabError, wait_for
 
 
 def gen_key() -> str:
@@ -36,6 +39,8 @@ auth client required = cephx
 auth allow insecure global id reclaim = false
 mon allow pool size one = true
 mon warn on pool no redundancy = false
+# a lab host's root is an overlay on this machine's disk: its free space is not Ceph's to warn about
+mon data avail warn = 5
 osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg num = 8
@@ -118,6 +123,69 @@ def start(hx, root, addr: str, network: str, log=print, conf_overrides: dict | N
     hx(["ceph-osd", "-i", "0"])          # daemonizes
     log("  osd.0 started")
     return fsid
+
+
+# Without these, systemd stops mon, osd and rgw in the same millisecond at poweroff: the OSD
+# cannot mark itself down and radosgw stalls ~10 s at the next start (LAB.md).
+DROPINS = {
+    "/etc/systemd/system/ceph-osd@.service.d/order.conf": "[Unit]\nAfter=ceph-mon.target\n",
+    "/etc/systemd/system/ceph-radosgw@.service.d/order.conf": "[Unit]\nAfter=ceph-mon.target ceph-osd.target\n",
+}
+
+
+def bootstrap(hx, root, addr: str, network: str, log=print, conf_overrides: dict | None = None):
+    """Create the cluster on a systemd host and enable + start its units.
+    hx(argv, **kw) runs as root in the host; root(path) -> that path seen from here."""
+    fsid = str(uuid.uuid4())
+    osd_uuid = str(uuid.uuid4())
+    admin_key, mon_key, mgr_key, osd_key = gen_key(), gen_key(), gen_key(), gen_key()
+
+    def write(path, text, mode=0o644):
+        os.makedirs(os.path.dirname(root(path)), exist_ok=True)
+        with open(root(path), "w") as f:
+            f.write(text)
+        os.chmod(root(path), mode)
+
+    for path, text in DROPINS.items():
+        write(path, text)
+    hx(["systemctl", "daemon-reload"])
+    for d in ("/var/lib/ceph/tmp", "/var/lib/ceph/mon/ceph-a", "/var/lib/ceph/mgr/ceph-x",
+              "/var/lib/ceph/osd/ceph-0"):
+        os.makedirs(root(d), exist_ok=True)
+    write("/etc/ceph/ceph.conf", ceph_conf(fsid, addr, network, conf_overrides), 0o644)
+    write("/etc/ceph/ceph.client.admin.keyring", _keyring({"client.admin": (admin_key, ADMIN_CAPS)}), 0o600)
+    write("/var/lib/ceph/tmp/mon.keyring", _keyring({
+        "mon.": (mon_key, {"mon": "allow *"}),
+        "client.admin": (admin_key, ADMIN_CAPS),
+        "mgr.x": (mgr_key, MGR_CAPS),
+    }), 0o600)
+    write("/var/lib/ceph/mgr/ceph-x/keyring", _keyring({"mgr.x": (mgr_key, {})}), 0o600)
+    write("/var/lib/ceph/osd/ceph-0/keyring", _keyring({"osd.0": (osd_key, {})}), 0o600)
+    hx(["chown", "-R", "ceph:ceph", "/var/lib/ceph"])
+
+    hx(["monmaptool", "--create", "--enable-all-features", "--fsid", fsid,
+        "--addv", "a", f"[v2:{addr}:3300,v1:{addr}:6789]", "/var/lib/ceph/tmp/monmap"])
+    hx(["chown", "ceph:ceph", "/var/lib/ceph/tmp/monmap"])
+    hx(["ceph-mon", "--mkfs", "-i", "a", "--monmap", "/var/lib/ceph/tmp/monmap",
+        "--keyring", "/var/lib/ceph/tmp/mon.keyring", "--setuser", "ceph", "--setgroup", "ceph"])
+    hx(["systemctl", "enable", "ceph.target", "ceph-mon.target", "ceph-mgr.target", "ceph-osd.target"])
+    hx(["systemctl", "enable", "--now", "ceph-mon@a"])
+    log("  ceph-mon@a started")
+    hx(["systemctl", "enable", "--now", "ceph-mgr@x"])   # its key is already in the mon's auth db
+    log("  ceph-mgr@x started")
+    out = hx(["ceph", "--connect-timeout", "30", "osd", "new", osd_uuid, "-i", "-"],
+             input=json.dumps({"cephx_secret": osd_key})).stdout.strip()
+    if out != "0":
+        raise LabError(f"ceph osd new returned id {out!r}, expected 0 (stale cluster?)")
+    hx(["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid, "--setuser", "ceph", "--setgroup", "ceph"])
+    hx(["chown", "-R", "ceph:ceph", "/var/lib/ceph/osd/ceph-0"])
+    hx(["systemctl", "enable", "--now", "ceph-osd@0"])
+    log("  ceph-osd@0 started")
+    hx(["rm", "-f", "/var/lib/ceph/tmp/mon.keyring", "/var/lib/ceph/tmp/monmap"])
+    return fsid
+
+
+UNITS = ["ceph-mon@a", "ceph-mgr@x", "ceph-osd@0"]
 
 
 def ready(hx) -> dict | None:
