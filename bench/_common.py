@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import pathlib
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -58,8 +59,8 @@ def ssh_opts(control_dir: str | None = None) -> list[str]:
 
 
 def ssh(addr: str, command: str, check: bool = True, timeout: float = 300, input=None) -> subprocess.CompletedProcess:
-    r = subprocess.run(["ssh", *ssh_opts(), f"root@{addr}", command], capture_output=True, text=True,
-                       timeout=timeout, input=input)
+    r = subprocess.run(["ssh", *ssh_opts(), f"{lab.SSH_USER}@{addr}", "sudo -n sh -c " + shlex.quote(command)],
+                       capture_output=True, text=True, timeout=timeout, input=input)
     if check and r.returncode != 0:
         raise RuntimeError(f"ssh {addr} {command!r}: exit {r.returncode}: {r.stderr[-500:]}")
     return r

@@ -39,7 +39,7 @@ class Reg:
 
 def host(addr: str) -> SSHHost:
     from runbook_lib import lab
-    return SSHHost(addr, key_filename=str(lab.SSH_KEY), known_hosts=str(lab.KNOWN_HOSTS))
+    return SSHHost(addr, user=lab.SSH_USER, become=True, key_filename=str(lab.SSH_KEY), known_hosts=str(lab.KNOWN_HOSTS))
 
 
 def swift_creds(rgw: str, uid: str) -> tuple[str, str]:

@@ -24,22 +24,22 @@ def main(n: int = 200, addr: str | None = None, keep_host: bool = False) -> dict
     d = tempfile.mkdtemp(prefix="bench-cm-")
     sock = os.path.join(d, "cm")
     base = ["ssh", *C.ssh_opts(), "-o", f"ControlPath={sock}"]
-    master = subprocess.Popen([*base, "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-N", f"root@{addr}"])
-    h = SSHHost(addr, key_filename=str(C.lab.SSH_KEY), known_hosts=str(C.lab.KNOWN_HOSTS))
+    master = subprocess.Popen([*base, "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-N", f"{C.lab.SSH_USER}@{addr}"])
+    h = SSHHost(addr, user=C.lab.SSH_USER, key_filename=str(C.lab.SSH_KEY), known_hosts=str(C.lab.KNOWN_HOSTS))
     try:
         for _ in range(50):
             if os.path.exists(sock):
                 break
             time.sleep(0.1)
         h.run(Command("true"), read=True)  # connect outside the timing (both sides are warm)
-        subprocess.run([*base, "-S", sock, f"root@{addr}", "true"], check=True)
+        subprocess.run([*base, "-S", sock, f"{C.lab.SSH_USER}@{addr}", "true"], check=True)
         t_layer, t_ssh = [], []
         for _ in range(n):
             t0 = time.perf_counter()
             h.run(Command("true"), read=True)
             t_layer.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            subprocess.run([*base, "-S", sock, f"root@{addr}", "true"], check=True)
+            subprocess.run([*base, "-S", sock, f"{C.lab.SSH_USER}@{addr}", "true"], check=True)
             t_ssh.append(time.perf_counter() - t0)
     finally:
         h.close()

@@ -16,8 +16,9 @@ mkdir -p "$WORK" && chmod 700 "$WORK" && cd "$WORK"
 O=(-F /dev/null -i "$KEY" -o IdentitiesOnly=yes -o "UserKnownHostsFile=$KH" -o GlobalKnownHostsFile=/dev/null
    -o StrictHostKeyChecking=yes -o BatchMode=yes -o LogLevel=ERROR
    -o ControlMaster=auto -o "ControlPath=$WORK/cm-%h" -o ControlPersist=60)
-r() { local h=$1; shift; ssh "${O[@]}" "root@$h" "$@"; }
-trap 'for h in $RGW_HOST $REG_HOST; do ssh "${O[@]}" -O exit root@$h 2>/dev/null || true; done' EXIT
+# as the document: log in as k8s, sudo for what needs root
+r() { local h=$1; shift; ssh "${O[@]}" "k8s@$h" sudo -n "$@"; }
+trap 'for h in $RGW_HOST $REG_HOST; do ssh "${O[@]}" -O exit k8s@$h 2>/dev/null || true; done' EXIT
 
 # -- 1. RGW (ceph-deploy rgw create RGW_HOST: already deployed, shared): it answers on 7480
 r "$RGW_HOST" ceph -s >/dev/null
@@ -90,7 +91,8 @@ health:
     threshold: 3
 Y
 r "$REG_HOST" mkdir -p /opt/k8s
-scp "${O[@]}" -q -r registry "root@$REG_HOST:/opt/k8s"
+scp "${O[@]}" -q -r registry "k8s@$REG_HOST:/tmp/"
+r "$REG_HOST" sh -c "'rm -rf /opt/k8s/registry && mv /tmp/registry /opt/k8s/ && chown -R root:root /opt/k8s/registry'"
 r "$REG_HOST" docker run -d --restart always --network host \
   -v /opt/k8s/registry/auth:/auth -v /opt/k8s/registry/certs:/certs \
   -v /opt/k8s/registry/config.yml:/etc/docker/registry/config.yml --name registry registry:2 >/dev/null

@@ -195,7 +195,7 @@ class Run:
                                                      "steps", "started", "ended")} for v in verdicts]
         entries = self.journal()
         fields["commands"] = [{k: e.get(k) for k in ("time", "host", "kind", "command", "exit_code", "duration",
-                                                     "changed", "read", "skipped", "step")}
+                                                     "changed", "read", "skipped", "become", "step")}
                               | {"ok": e.get("skipped") or e.get("exit_code") == 0} for e in entries]
         fields["changed"] = any(e.get("changed") and not e.get("read") and not e.get("skipped") for e in entries)
         fields["would_change"] = any(e.get("changed") and e.get("skipped") for e in entries)

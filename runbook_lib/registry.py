@@ -20,7 +20,7 @@ import time
 
 import yaml
 
-from . import certs, journal, masking, params as P, steps
+from . import certs, journal, masking, packages, params as P, steps
 from .errors import ParameterError, RunbookError
 from .host import cmd
 from .journal import Result
@@ -584,6 +584,24 @@ def config_hash(ctx) -> str:
     return h.hexdigest()
 
 
+@step("Install docker-registry on every registry host ({ctx.runtime})")
+def install(ctx):
+    """runtime=systemd: Debian's docker-registry package (binary, user and group docker-registry,
+    its unit).  Installing it starts its unit with the package's default config (port 5000);
+    04 replaces the config and restarts it.  runtime=docker: nothing to install."""
+    if ctx.runtime != "systemd":
+        steps.note(f"runtime={ctx.runtime}: the registry comes as the image {ctx.image}")
+        return None
+
+    def one(h):
+        if packages.installed(h, "docker-registry") or (not h.has_systemd() and h.test(cmd("test -x {b}", b=SYSTEMD_BIN))):
+            return {"host": h.name, "docker-registry": packages.installed(h, "docker-registry") or "present"}
+        packages.install(h, ["docker-registry"])
+        return {"host": h.name, "docker-registry": packages.installed(h, "docker-registry") or "would be installed"}
+    for r in journal.parallel(one, ctx.hosts(ctx.registry_host)):
+        steps.row(**r)
+
+
 @step("Configuration and certificates on the registry hosts")
 def configure(ctx):
     """config.yml (0600, holds secrets), registry.pem, registry-key.pem (0600) under remote_dir."""
@@ -699,8 +717,6 @@ def start(ctx):
         # runtime systemd
         if h.test(cmd("docker inspect {n} >/dev/null 2>&1", n=CONTAINER_NAME)):
             h.run(cmd("docker rm -f {n}", n=CONTAINER_NAME))
-        if not h.test(cmd("test -x {b}", b=SYSTEMD_BIN)):
-            h.run(cmd("DEBIAN_FRONTEND=noninteractive apt-get install -y docker-registry"))
         if h.has_systemd():
             return _start_systemd(ctx, h, digest)
         old, running = _daemon_state(h)
@@ -767,7 +783,7 @@ def wait_ready(ctx, timeout: float = READY_TIMEOUT, healthy: bool = False):
 
 def deploy(ctx):
     """All steps in order (deploy.ipynb, tests)."""
-    out = [preflight(ctx), bucket(ctx), htpasswd(ctx), configure(ctx), start(ctx)]
+    out = [preflight(ctx), install(ctx), bucket(ctx), htpasswd(ctx), configure(ctx), start(ctx)]
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 
-from . import masking
+from . import masking, packages
 from .errors import RunbookError
 from .host import Command, cmd
 from .journal import Result, record
@@ -271,20 +271,18 @@ def install(ctx):
         note(f"not used with method={o['method']}")
         return None
     h = ctx.host(ctx.params["rgw_host"])
-    r = h.run(Command("dpkg-query -W -f='${Status} ${Version}' radosgw"), read=True, check=False)
-    if r.exit_code == 0 and r.stdout.startswith("install ok installed"):
-        fact("radosgw", r.stdout.split()[-1] + " (installed)")
-        return r.stdout.split()[-1]
-    if not h.test(Command("command -v apt-get")):
-        if h.test(Command("command -v radosgw")):
-            fact("radosgw", "present (not from a Debian package)")
-            return "present"
-        raise RGWError(f"radosgw is not installed on {h.name} and apt-get is not there",
-                       hint="install the radosgw package with the host's package manager, then run again")
-    h.run(Command("DEBIAN_FRONTEND=noninteractive apt-get install -y -q radosgw"), timeout=900,
-          hint="check the host's apt sources (radosgw must match the cluster's Ceph release)")
-    fact("radosgw", "installed")
-    return "installed"
+    version = packages.installed(h, "radosgw")
+    if version:
+        fact("radosgw", version + " (installed)")
+        return version
+    if not packages.has_apt(h) and h.test(Command("command -v radosgw")):
+        fact("radosgw", "present (not from a Debian package)")
+        return "present"
+    packages.install(h, ["radosgw"], hint="check the host's apt sources (radosgw must match the cluster's "
+                                          "Ceph release: `ceph versions`)")
+    version = packages.installed(h, "radosgw") if not ctx.dry_run else None
+    fact("radosgw", f"{version} installed" if version else "would be installed")
+    return version or "installed"
 
 
 @step("Create the key client.rgw.* on {ctx.params[rgw_host]}")
@@ -426,7 +424,8 @@ def start(ctx, timeout: float = 60):
                 h.run(cmd("systemctl enable --now {u}", u=p["unit"]))
             elif restart:
                 h.run(cmd("systemctl restart {u}", u=p["unit"]))
-            fact("unit", p["unit"])
+                note("restarted: its config or key changed")
+            fact("unit", p["unit"] + (" (enabled, active)" if enabled and active else ""))
         else:
             pid = _pid(h, p["pid"])
             if pid and (restart or _newer_than_process(h, pid, [CONF, p["keyring"]])):

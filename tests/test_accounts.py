@@ -10,8 +10,9 @@ import secrets
 import pytest
 
 from runbook_lib import accounts, masking
-from runbook_lib.host import SSHHost, cmd
+from runbook_lib.host import cmd
 
+from helpers import lab_host  # noqa: E402
 from conftest import outputs_text
 
 CEPH1 = "198.18.0.2"
@@ -87,8 +88,8 @@ def test_sigv4_matches_aws_examples(url, signature):
 
 # -- lab ---------------------------------------------------------------------------------
 
-def ssh_host(lab) -> SSHHost:
-    return SSHHost(CEPH1, key_filename=str(lab.SSH_KEY), known_hosts=str(lab.KNOWN_HOSTS))
+def ssh_host(lab):
+    return lab_host(CEPH1)
 
 
 def rgw_secrets(lab, uid="demo") -> list[str]:
@@ -161,7 +162,7 @@ def test_credentials_for_later_sections(lab, rgw_up, run_notebook):
 
     run_notebook("02-accounts")
     params = dict(rgw_host=CEPH1, rgw_port=7480, uid="demo", ssh_key=str(lab.SSH_KEY),
-                  known_hosts=str(lab.KNOWN_HOSTS), ssh_user="root", ssh_port=22)
+                  known_hosts=str(lab.KNOWN_HOSTS), ssh_user=lab.SSH_USER, become=True, ssh_port=22)
     ctx = Context("test", params)
     try:
         user, key = accounts.swift_credentials(ctx)

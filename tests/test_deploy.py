@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from runbook_lib import deploy
+from runbook_lib.host import connect
 
 from conftest import outputs_text
 
@@ -39,7 +40,7 @@ def test_help_notebook_lists_typed_parameters():
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for name, typ in [("rgw_host", "str"), ("rgw_port", "int"), ("registry_host", "str"), ("registry_port", "int"),
-                      ("registry_user", "str"), ("uid", "str"), ("ssh_user", "str"), ("ssh_port", "int"),
+                      ("registry_user", "str"), ("uid", "str"), ("ssh_user", "str"), ("become", "bool"), ("ssh_port", "int"),
                       ("ssh_key", "str"), ("known_hosts", "str"), ("dry_run", "bool"), ("state_dir", "str"),
                       ("storage", "str"), ("runtime", "str"), ("client", "str"), ("image_name", "str")]:
         assert re.search(rf"^\s+{name}: {typ} \(default ", out, re.M), (name, out)
@@ -157,6 +158,11 @@ def test_deploy_end_to_end_then_no_change(lab, state_dir, tmp_path):
         assert f"VERDICT {s}: PASS" in (run / f"{s}.html").read_text()
     assert [v["section"] for v in data["sections"] if v["section"] != "deploy"] == SECTIONS
     assert data["tool_versions"]["ceph"].startswith("ceph version")
+    # logged in as k8s (root logins are refused on the lab), privileged through become
+    assert yaml.safe_load(LAB.read_text())["ssh_user"] == "k8s"
+    remote = [c for c in data["commands"] if c["host"] != "local" and c["kind"] in ("cmd", "file")
+              and not c["skipped"] and not c["command"].startswith("become check as k8s")]
+    assert remote and all(c["become"] for c in remote), [c for c in remote if not c["become"]][:3]
     text = out.read_text()
     assert "VERDICT deploy: PASS" in text and str(run) in text
     rgw_keys = _rgw_secrets(yaml.safe_load(LAB.read_text()))
@@ -204,7 +210,7 @@ def _ps_sampler(path, interval=0.1):
 # in this host's network namespace, without the probe's own shell.
 PROCS = ("me=$(readlink /proc/self/ns/net); for p in /proc/[0-9]*; do "
          "[ \"$(readlink $p/ns/net 2>/dev/null)\" = \"$me\" ] && echo \"${p#/proc/} $(cat $p/comm 2>/dev/null)\"; "
-         "done | grep -vwE 'sshd|bash|sh|readlink|cat|grep|sort' | sort -n")
+         "done | grep -vwE 'sshd|sudo|bash|sh|readlink|cat|grep|sort' | sort -n")
 
 
 BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
@@ -213,9 +219,8 @@ PEM_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----(?:\\n|\s)+[A-Za-z0-9+/
 
 def _rgw_secrets(lab_params, uid="demo") -> set:
     """The user's Swift and S3 secret keys, read from RGW (they are not kept on the control node)."""
-    from runbook_lib.host import SSHHost, cmd
-    h = SSHHost(lab_params["rgw_host"], user=lab_params["ssh_user"], port=lab_params["ssh_port"],
-                key_filename=lab_params["ssh_key"], known_hosts=lab_params["known_hosts"])
+    from runbook_lib.host import cmd
+    h = connect(lab_params["rgw_host"], lab_params)
     try:
         r = h.run(cmd("radosgw-admin user info --uid={u}", u=uid), read=True, check=False, no_log=True)
     finally:
@@ -247,12 +252,10 @@ def _assert_no_secrets(paths, extra=()):
 
 def _host_state(lab_params) -> dict:
     """What a dry run must leave as it is, on every host."""
-    from runbook_lib.host import Command, SSHHost
-    kw = dict(user=lab_params["ssh_user"], port=lab_params["ssh_port"], key_filename=lab_params["ssh_key"],
-              known_hosts=lab_params["known_hosts"])
+    from runbook_lib.host import Command
     state = {}
-    ceph = SSHHost(lab_params["rgw_host"], **kw)
-    reg = SSHHost(lab_params["registry_host"], **kw)
+    ceph = connect(lab_params["rgw_host"], lab_params)
+    reg = connect(lab_params["registry_host"], lab_params)
     try:
         for label, h, c in [
             ("ceph auth ls", ceph, "ceph auth ls 2>/dev/null | sha256sum"),
@@ -315,3 +318,26 @@ def test_deploy_dry_run_shows_what_a_real_run_would_do(lab, state_dir, tmp_path)
     # every section previews its part, even when an earlier one only said what it would do
     assert r.returncode == 0, data.get("error")
     assert data["outcome"] == "DRY-RUN"
+
+
+@pytest.mark.lab
+def test_deploy_stops_before_any_change_when_a_hosts_sudo_wants_a_password(lab, state_dir, tmp_path):
+    """The registry host's sudo wants a password: the deploy names the host and the fix, and no
+    section runs (RGW's host, checked first in the plan, is left as it was)."""
+    name, addr = "labtest-deploypw", "198.18.0.43"
+    params = yaml.safe_load(LAB.read_text())
+    lab.add_host(name, addr, docker=True, sudo="password")
+    try:
+        before = _host_state(params)
+        r, out, run, runs = _deploy(tmp_path, "-p", "registry_host", addr, name="sudopw")
+        assert r.returncode != 0
+        text = outputs_text(json.loads(out.read_text()))
+        assert f"{addr}: become: sudo wants a password for k8s" in text, text[-2000:]
+        assert "NOPASSWD" in text and "▶ 01-rgw" not in text  # no section started
+        assert _host_state(params) == before
+        data = json.loads((run / "run.json").read_text())
+        assert "become: sudo wants a password" in data["error"]
+        assert [v["section"] for v in data["sections"]] in ([], ["deploy"])  # no section ran
+        assert not [c for c in data["commands"] if c["changed"]]
+    finally:
+        lab.remove_host(name)

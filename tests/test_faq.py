@@ -15,8 +15,9 @@ import pytest
 import requests
 
 from runbook_lib import faq
-from runbook_lib.host import SSHHost, cmd
+from runbook_lib.host import cmd
 
+from helpers import lab_host  # noqa: E402
 from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
 
 CEPH_NAME, CEPH_ADDR = "ceph416", "198.18.0.20"
@@ -207,15 +208,10 @@ def assert_no_secrets(d, *paths):
 def faqlab(lab, tmp_path_factory):
     """ceph416 (a Ceph whose pools get 128 PGs: the 416) with RGW and the demo account, and
     faqreg with the registry (swift) deployed against it; removed at the end."""
-    from runbook_lib import _lab_ceph
     d = tmp_path_factory.mktemp("faq")
     try:
-        lab.add_host(CEPH_NAME, CEPH_ADDR)
-        hx = lab._ceph_hx(CEPH_NAME)
-        _lab_ceph.start(hx, lambda p: lab.host_path(CEPH_NAME, p), CEPH_ADDR, str(lab.NETWORK),
-                        log=lambda m: None,
-                        conf_overrides={"osd pool default pg num": 128, "osd pool default pgp num": 128})
-        _lab_ceph.wait_healthy(hx)
+        lab.add_ceph_host(CEPH_NAME, CEPH_ADDR,
+                          conf_overrides={"osd pool default pg num": 128, "osd pool default pgp num": 128})
         lab.add_host(REG_NAME, REG_ADDR, docker=True)
         for name in ("01-rgw", "02-accounts", "03-certs", "04-registry"):
             run_nb(d, name)
@@ -280,7 +276,7 @@ def test_healthy_registry_no_problem_found(fixed416):
 def test_rgw_stopped(healthy_after):
     d = healthy_after
     h = ssh(CEPH_ADDR)
-    h.run(cmd("kill $(cat /var/run/ceph/ceph-client.rgw.ceph416.pid)"))
+    h.run(cmd("systemctl stop ceph-radosgw@rgw.ceph416"))  # stopped by hand, as an operator might
     wait_v2(d, (503, 503), timeout=60)  # 3 failed health checks, 10 s apart
     text, out1 = run_nb(d, "07-faq", expect_error=True)
     assert "found rgw-down on 198.18.0.20" in text, text[-3000:]
@@ -335,15 +331,10 @@ def test_mounted_files_unreadable(healthy_after):
 def test_416_with_the_limit_in_ceph_conf(lab, fixed416):
     """ceph.conf sets mon_max_pg_per_osd: `ceph config set` would change nothing (the file wins).
     The fix edits the file and injects the value into the mon AND the OSD, without a restart."""
-    from runbook_lib import _lab_ceph
     name, addr = "ceph416c", "198.18.0.22"
     try:
-        lab.add_host(name, addr)
-        hx = lab._ceph_hx(name)
-        _lab_ceph.start(hx, lambda p: lab.host_path(name, p), addr, str(lab.NETWORK), log=lambda m: None,
-                        conf_overrides={"osd pool default pg num": 128, "osd pool default pgp num": 128,
-                                        "mon max pg per osd": 250})
-        _lab_ceph.wait_healthy(hx)
+        lab.add_ceph_host(name, addr, conf_overrides={"osd pool default pg num": 128,
+                                                      "osd pool default pgp num": 128, "mon max pg per osd": 250})
         d = fixed416
         for nb in ("01-rgw", "02-accounts"):
             run_nb(d, nb, rgw_host=addr)

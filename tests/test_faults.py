@@ -24,7 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import _registry as R  # noqa: E402  (the bench's registry helpers: blob upload, tiny images)
 
-from helpers import rgw_answers  # noqa: E402
+from helpers import lab_host, lab_ssh, rgw_answers  # noqa: E402
 from conftest import NOTEBOOKS, outputs_text  # noqa: E402
 
 pytestmark = pytest.mark.lab
@@ -54,12 +54,7 @@ def notebook(name: str, out_dir: pathlib.Path, expect_error: bool = False, timeo
     return json.loads(out.read_text()), err
 
 
-def ssh(addr: str, command: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    from runbook_lib import lab
-    r = subprocess.run(lab.ssh_argv(addr, command), capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{addr}: {command}: exit {r.returncode}: {r.stderr[-500:]}")
-    return r
+ssh = lab_ssh  # root on a lab host, outside the runbook
 
 
 class Store:
@@ -191,7 +186,6 @@ def _wait(pred, timeout: float, what: str, interval: float = 0.5):
 # --------------------------------------------------------------------------- 1. RGW killed during a push
 def test_rgw_killed_during_push(env):
     reg, store, out = env["reg"], env["store"], env["out"]
-    pidfile = "/var/run/ceph/ceph-client.rgw.ceph1.pid"
     pushed = {}
 
     def slow_push():
@@ -216,7 +210,7 @@ def test_rgw_killed_during_push(env):
         t = threading.Thread(target=slow_push)
         t.start()
         time.sleep(0.8)
-        ssh(RGW, f"kill -9 $(cat {pidfile})")
+        ssh(RGW, "kill -9 $(systemctl show -p MainPID --value ceph-radosgw@rgw.ceph1)")
         # RGW is shared (other suites restart it): from here on the bench host alone loses its route to RGW,
         # so the registry keeps seeing its storage gone while ceph1's RGW comes back for everyone else.
         L.host_exec(NAME, route)
@@ -287,21 +281,45 @@ def test_registry_killed_comes_back(env):
     assert set(_deploy_changes(env).values()) == {"no change"}
 
 
+# --------------------------------------------------------------------------- 2b. the hosts reboot
+def test_hosts_reboot_and_services_come_back_by_their_units(env):
+    """lab.reboot: the registry host, then the RGW host, power off through systemd and boot the same
+    root filesystem.  docker.service starts the registry container again (--restart always) and
+    ceph-radosgw@rgw.ceph1 starts RGW: nothing is re-run, and every stored image pulls by digest."""
+    from runbook_lib import lab as L
+    reg, store = env["reg"], env["store"]
+    for host in (NAME, "ceph1"):
+        init = L.host_pid(host)
+        L.reboot(host)
+        assert L.host_pid(host) != init  # a new systemd: really booted again
+    assert L.hosts()["ceph1"] == RGW
+    for unit in ("ceph-mon@a", "ceph-osd@0", "ceph-radosgw@rgw.ceph1"):
+        _wait(lambda: ssh(RGW, f"systemctl is-active {unit}", check=False).stdout.strip() == "active", 60,
+              f"{unit} active after the reboot", 0.5)
+    assert ssh(ADDR, "systemctl is-active docker").stdout.strip() == "active"
+    _wait(rgw_answers, 90, "RGW answering after the reboot", 0.5)
+    _wait(lambda: _v2(reg) == 200 or _v2(reg), HEALTH_WAIT, "the registry healthy after both reboots", 1)
+    store.assert_all_pull()
+
+
 # --------------------------------------------------------------------------- 3. sshd dies mid-run
 def _session_sshds() -> set[int]:
-    """The per-connection sshd processes of faultreg (children of its listener), not the listener."""
+    """The per-connection sshd processes of faultreg (children of its listener, which systemd started),
+    not the listener."""
     from runbook_lib import lab as L
-    listener = L.host_pid(NAME)
-    out = set()
+    init = L.host_pid(NAME)
+    sshd = {}
     for p in pathlib.Path("/proc").glob("[0-9]*"):
         try:
             st = (p / "stat").read_text()
             comm, ppid = st[st.index("(") + 1:st.rindex(")")], int(st[st.rindex(")") + 2:].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if comm == "sshd" and ppid == listener:
-            out.add(int(p.name))
-    return out
+        if comm == "sshd":
+            sshd[int(p.name)] = ppid
+    listeners = {pid for pid, ppid in sshd.items() if ppid == init}
+    sessions = {pid for pid, ppid in sshd.items() if ppid in listeners}  # the privileged monitor
+    return sessions | {pid for pid, ppid in sshd.items() if ppid in sessions}  # and the user's half
 
 
 def test_sshd_session_dies_mid_run(env, tmp_path):
@@ -310,8 +328,8 @@ def test_sshd_session_dies_mid_run(env, tmp_path):
     so a notebook run whose session is cut still completes; a re-run resumes with nothing left to do."""
     from runbook_lib import lab as L
     from runbook_lib.errors import HostUnreachable
-    from runbook_lib.host import Command, SSHHost
-    h = SSHHost(ADDR, key_filename=str(L.SSH_KEY), known_hosts=str(L.KNOWN_HOSTS))
+    from runbook_lib.host import Command
+    h = lab_host(ADDR)
     try:
         before = _session_sshds()
         h.run(Command("true"), read=True)

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from helpers import tar_gz as _tar_gz  # noqa: E402
-from helpers import rgw_answers  # noqa: E402
+from helpers import lab_ssh, rgw_answers  # noqa: E402
 from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
 
 pytestmark = pytest.mark.lab
@@ -38,12 +38,12 @@ REPO = "gcback/app"
 MiB = 1 << 20
 # (storage, runtime, where the data is on gcback: du -sb; None = the RGW bucket)
 CASES = [
-    ("filesystem", "systemd", "/var/lib/docker-registry"),  # no systemd here: 04's pidfile daemon
+    ("filesystem", "systemd", "/var/lib/docker-registry"),  # Debian's package and its unit
     ("s3", "docker", None),
     ("filesystem", "docker", "/opt/k8s/registry/data"),
 ]
 # teardown of whatever registry a previous case left: the container, 04's daemon, their data
-RESET = ("docker rm -f registry >/dev/null 2>&1; "
+RESET = ("docker rm -f registry >/dev/null 2>&1; systemctl disable --now docker-registry >/dev/null 2>&1; "
          "pid=$(cat /run/docker-registry.pid 2>/dev/null) && kill \"$pid\" 2>/dev/null && "
          "for i in $(seq 50); do kill -0 \"$pid\" 2>/dev/null || break; sleep 0.1; done; "
          "rm -f /run/docker-registry.pid /run/docker-registry.config-sha256; "
@@ -51,12 +51,7 @@ RESET = ("docker rm -f registry >/dev/null 2>&1; "
 
 
 # ---------------------------------------------------------------------------- helpers
-def ssh(addr: str, command: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    from runbook_lib import lab
-    r = subprocess.run(lab.ssh_argv(addr, command), capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{addr}: {command}: exit {r.returncode}: {r.stderr[-500:]}")
-    return r
+ssh = lab_ssh  # root on a lab host, outside the runbook
 
 
 def notebook(name: str, out_dir, timeout: float = 180, **params) -> dict:
@@ -234,7 +229,7 @@ def test_gc_frees_space_and_keeps_the_rest(gcback, run_notebook, storage, runtim
     nb, _, _ = run_notebook("06-operations", **base, repository=REPO, tag="keep", gc=True)
     text = outputs_text(nb)
     assert "VERDICT 06-operations: PASS" in text, text[-2000:]
-    where = {"systemd": "docker-registry daemon (pidfile)", "docker": "container registry"}[runtime]
+    where = {"systemd": "systemd unit docker-registry", "docker": "container registry"}[runtime]
     assert where in text, text[-3000:]  # GC found the runtime 04 deployed, not assumed
     assert "registry restarted" in text
     m = re.search(r"freed: [^\n]*?\((-?\d+) bytes\)", text)

@@ -14,8 +14,9 @@ import requests
 import yaml
 
 from runbook_lib import registry
-from runbook_lib.host import SSHHost, cmd
+from runbook_lib.host import cmd
 
+from helpers import lab_host  # noqa: E402
 from conftest import LAB_PARAMS, outputs_text
 
 # RUNBOOK_TEST_REGISTRY_HOST: run against another lab host (lab.add_host), away from other users of registry1
@@ -131,8 +132,8 @@ def test_htpasswd_add_remove_keeps_others():
 
 
 # ------------------------------------------------------------------ lab helpers
-def ssh(addr: str) -> SSHHost:
-    return SSHHost(addr, key_filename=LAB_PARAMS["ssh_key"], known_hosts=LAB_PARAMS["known_hosts"])
+def ssh(addr: str):
+    return lab_host(addr)
 
 
 def password(state_dir) -> str:
@@ -237,19 +238,30 @@ def test_s3(ready, nb_run):
     assert_no_secrets(out, ready)
 
 
+def unit_pid(h) -> str:
+    return h.run(cmd("systemctl show -p MainPID --value docker-registry"), read=True).stdout.strip()
+
+
 @pytest.mark.lab
-def test_systemd_runtime_without_systemd(ready, nb_run):
-    """The lab's hosts have no systemd: docker-registry serve runs daemonized with a pidfile."""
+def test_systemd_runtime_is_debians_package_and_unit(ready, nb_run):
+    """runtime=systemd on a systemd host: docker-registry from apt, its unit (ours: no AWS_CA_BUNDLE)
+    enabled and active as user docker-registry, TLS + auth answering; a re-run changes nothing."""
     nb, out, _ = nb_run("04-registry", runtime="systemd", storage="filesystem")
-    verdict_ok(nb)
+    text = verdict_ok(nb)
     assert container_state() == ""  # the docker container made way
     h = ssh(REGISTRY)
-    pid = h.run(cmd("cat /run/docker-registry.pid"), read=True).stdout.strip()
-    assert h.test(cmd("kill -0 {p}", p=pid))
+    assert h.run(cmd("dpkg -s docker-registry"), read=True).exit_code == 0
+    assert h.run(cmd("systemctl is-enabled docker-registry"), read=True, check=False).stdout.strip() == "enabled"
+    pid = unit_pid(h)
+    assert pid.isdigit() and pid != "0"
+    assert h.run(cmd("ps -o user= -p {p}", p=pid), read=True).stdout.strip() == "docker-registry"
     assert "AWS_CA_BUNDLE" not in h.run(cmd("tr '\\0' '\\n' < /proc/{p}/environ", p=pid), read=True).stdout
+    # TLS + auth, as clients see it
+    assert sess(ready, pw="wrong-password").get(f"{URL}/v2/", timeout=10).status_code == 401
+    assert sess(ready).get(f"{URL}/v2/", timeout=10).status_code == 200
     nb2, _, _ = nb_run("04-registry", runtime="systemd", storage="filesystem")
     assert "0 changed, 0 would change" in verdict_ok(nb2)
-    assert h.run(cmd("cat /run/docker-registry.pid"), read=True).stdout.strip() == pid
+    assert unit_pid(h) == pid
     assert_no_secrets(out, ready)
 
 
@@ -258,7 +270,7 @@ def test_swift_default_and_idempotent(ready, nb_run):
     nb, out, _ = nb_run("04-registry")  # defaults: swift, docker
     verdict_ok(nb)
     h = ssh(REGISTRY)
-    assert not h.test(cmd("test -e /run/docker-registry.pid"))  # the daemon made way for the container
+    assert not h.test(cmd("systemctl is-active --quiet docker-registry"))  # the unit made way for the container
     hexd = push_blob(ready)
     objs = rados_objects(hexd)
     assert any("_files/docker/registry/v2/blobs/sha256/" in o for o in objs), objs  # as in the document
@@ -356,3 +368,31 @@ def test_leaves_swift_deployed(ready, run_notebook):
     nb, _, _ = run_notebook("04-registry")
     text = verdict_ok(nb)
     assert "storage: swift" in text and "runtime: docker" in text
+
+
+@pytest.mark.lab
+def test_host_without_systemd_gets_a_supervised_daemon(lab, run_notebook, tmp_path):
+    """A host of the old kind (a container or WSL: no systemd, root login): runtime=systemd runs
+    docker-registry serve as a daemon the runbook supervises (pidfile, config hash), restarted on a
+    re-run when it died; become: false, as a root login needs."""
+    name, addr = "labtest-nosystemd", "198.18.0.44"
+    lab.add_host(name, addr, systemd=False)
+    try:
+        p = dict(registry_host=addr, ssh_user="root", become=False, state_dir=str(tmp_path / "state"))
+        run_notebook("03-certs", **p)
+        p.update(runtime="systemd", storage="filesystem")
+        nb, _, _ = run_notebook("04-registry", **p)
+        text = verdict_ok(nb)
+        assert "started (no systemd: pidfile)" in text
+        h = lab_host(addr, ssh_user="root", become=False)
+        assert not h.has_systemd()
+        pid = h.run(cmd("cat /run/docker-registry.pid"), read=True).stdout.strip()
+        assert h.test(cmd("kill -0 {p}", p=pid))
+        assert "0 changed, 0 would change" in verdict_ok(run_notebook("04-registry", **p)[0])
+        h.run(cmd("kill {p}; for i in $(seq 50); do kill -0 {p} 2>/dev/null || exit 0; sleep 0.1; done", p=pid))
+        text = verdict_ok(run_notebook("04-registry", **p)[0])
+        assert "1 changed" in text
+        assert h.run(cmd("cat /run/docker-registry.pid"), read=True).stdout.strip() != pid
+        h.run(cmd("kill $(cat /run/docker-registry.pid)"), check=False)
+    finally:
+        lab.remove_host(name)

@@ -9,8 +9,9 @@ import re
 import pytest
 
 from runbook_lib import rgw
-from runbook_lib.host import SSHHost, cmd
+from runbook_lib.host import cmd
 
+from helpers import lab_host  # noqa: E402
 from conftest import outputs_text
 
 CEPH1, REGISTRY1 = "198.18.0.2", "198.18.0.3"
@@ -113,8 +114,13 @@ def test_endpoint():
 
 # -- lab ---------------------------------------------------------------------------------
 
-def ssh_host(lab, addr) -> SSHHost:
-    return SSHHost(addr, key_filename=str(lab.SSH_KEY), known_hosts=str(lab.KNOWN_HOSTS))
+def ssh_host(lab, addr):
+    return lab_host(addr)
+
+
+def rgw_pid(h, did="rgw.ceph1") -> str:
+    """The running radosgw's pid, as its unit knows it."""
+    return h.run(cmd("systemctl show -p MainPID --value {u}", u=rgw.paths(did)["unit"]), read=True).stdout.strip()
 
 
 def step_counts(nb) -> dict:
@@ -125,9 +131,9 @@ def step_counts(nb) -> dict:
 
 def running_frontends(h) -> str:
     """What the running radosgw loaded (its admin socket), not what ceph.conf says."""
-    # the socket of the pid in the pidfile: a daemon killed earlier can leave its own socket file behind
-    r = h.run(cmd("ceph --admin-daemon \"$(ls /var/run/ceph/ceph-client.rgw.ceph1.$(cat {p}).*.asok)\" "
-                  "config get rgw_frontends", p=rgw.paths("rgw.ceph1")["pid"]), read=True)
+    # the socket of the unit's main pid: a daemon killed earlier can leave its own socket file behind
+    r = h.run(cmd("ceph --admin-daemon \"$(ls /var/run/ceph/ceph-client.rgw.ceph1.{p}.*.asok)\" "
+                  "config get rgw_frontends", p=rgw_pid(h)), read=True)
     return json.loads(r.stdout)["rgw_frontends"]
 
 
@@ -175,14 +181,16 @@ def test_nodelay_off_writes_the_documents_line_and_back(lab, run_notebook):
 @pytest.mark.lab
 def test_restarts_a_dead_daemon(lab, run_notebook):
     h = ssh_host(lab, CEPH1)
-    pidfile = rgw.paths("rgw.ceph1")["pid"]
     run_notebook("01-rgw")
-    pid = h.run(cmd("cat {f}", f=pidfile), read=True).stdout.strip()
+    pid = rgw_pid(h)
+    assert pid.isdigit() and pid != "0"
+    # stopped behind systemd's back (SIGTERM is a clean exit: the unit does not restart it)
     h.run(cmd("kill {p}; for i in $(seq 50); do [ -d /proc/{p} ] || exit 0; sleep 0.1; done; exit 1", p=pid))
+    assert not h.test(cmd("systemctl is-active --quiet ceph-radosgw@rgw.ceph1"))
     nb, _, _ = run_notebook("01-rgw")
     assert step_counts(nb)["changed"] == 1  # only the start step
     assert "VERDICT 01-rgw: PASS" in outputs_text(nb)
-    assert h.run(cmd("cat {f}", f=pidfile), read=True).stdout.strip() != pid
+    assert rgw_pid(h) not in (pid, "0")
 
 
 @pytest.mark.lab
@@ -260,9 +268,8 @@ def test_bad_rgw_name_is_a_parameter_error(lab, run_notebook):
 @pytest.mark.lab
 def test_changed_config_is_rewritten_and_the_daemon_restarted(lab, run_notebook):
     h = ssh_host(lab, CEPH1)
-    pidfile = rgw.paths("rgw.ceph1")["pid"]
     run_notebook("01-rgw")
-    pid = h.run(cmd("cat {f}", f=pidfile), read=True).stdout.strip()
+    pid = rgw_pid(h)
     # someone edited our section by hand
     h.run(cmd("sed -i 's|^log file = .*ceph-client.rgw.ceph1.log$|log file = /tmp/elsewhere.log|' {c}",
               c="/etc/ceph/ceph.conf"))
@@ -272,5 +279,32 @@ def test_changed_config_is_rewritten_and_the_daemon_restarted(lab, run_notebook)
     assert step_counts(nb)["changed"] == 2  # configure + start (restart)
     assert "restarted: its config or key changed" in text and "VERDICT 01-rgw: PASS" in text
     assert "/tmp/elsewhere.log" not in h.read_file("/etc/ceph/ceph.conf").decode()
-    assert h.run(cmd("cat {f}", f=pidfile), read=True).stdout.strip() != pid
+    assert rgw_pid(h) not in (pid, "0")
     assert step_counts(run_notebook("01-rgw")[0])["changed"] == 0
+
+
+@pytest.mark.lab
+def test_fresh_ceph_node_gets_radosgw_from_apt_and_a_systemd_unit(lab, run_notebook):
+    """A Ceph node that has never had radosgw: 01-rgw installs the package through apt (the lab's
+    proxy), writes the key and the section, and enables ceph-radosgw@rgw.<short hostname>;
+    a re-run changes nothing."""
+    name, addr = "labtest-rgw", "198.18.0.42"
+    lab.add_ceph_host(name, addr)
+    try:
+        h = ssh_host(lab, addr)
+        assert h.run(cmd("dpkg -s radosgw"), read=True, check=False).exit_code != 0  # not there before
+        nb, _, _ = run_notebook("01-rgw", rgw_host=addr)
+        text = outputs_text(nb)
+        assert f"VERDICT 01-rgw: PASS — RGW answers on {addr}:7480" in text
+        assert "installed" in text
+        assert h.run(cmd("dpkg -s radosgw"), read=True).exit_code == 0
+        unit = f"ceph-radosgw@rgw.{name}"
+        assert h.run(cmd("systemctl is-active {u}", u=unit), read=True, check=False).stdout.strip() == "active"
+        assert h.run(cmd("systemctl is-enabled {u}", u=unit), read=True, check=False).stdout.strip() == "enabled"
+        # the daemon runs as the ceph user under its unit, not as a process we started
+        main = rgw_pid(h, f"rgw.{name}")
+        assert h.run(cmd("ps -o user= -p {p}", p=main), read=True).stdout.strip() == "ceph"
+        c = step_counts(run_notebook("01-rgw", rgw_host=addr)[0])
+        assert c["changed"] == 0 and c["failed"] == 0
+    finally:
+        lab.remove_host(name)
