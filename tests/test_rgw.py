@@ -308,3 +308,31 @@ def test_fresh_ceph_node_gets_radosgw_from_apt_and_a_systemd_unit(lab, run_noteb
         assert c["changed"] == 0 and c["failed"] == 0
     finally:
         lab.remove_host(name)
+
+
+@pytest.mark.lab
+def test_host_without_systemd_runs_radosgw_as_a_supervised_daemon(lab, run_notebook):
+    """A Ceph node of the old kind (a container: no systemd, root login): 01-rgw runs radosgw
+    itself (it daemonizes; its pidfile is how 01 finds it), and a re-run restarts it when it died."""
+    from runbook_lib.lab import ceph
+    name, addr = "labtest-rgwold", "198.18.0.45"
+    lab.add_host(name, addr, systemd=False)
+    try:
+        hx = lab._ceph_hx(name)
+        ceph.start(hx, lambda p: lab.host_path(name, p), addr, str(lab.NETWORK), log=lambda m: None)
+        ceph.wait_healthy(hx)
+        p = dict(rgw_host=addr, ssh_user="root", become=False)
+        nb, _, _ = run_notebook("01-rgw", **p)
+        text = outputs_text(nb)
+        assert f"VERDICT 01-rgw: PASS — RGW answers on {addr}:7480" in text
+        assert "no (the daemon is run and supervised by the runbook)" in text
+        h = lab_host(addr, ssh_user="root", become=False)
+        pidfile = rgw.paths(f"rgw.{name}")["pid"]
+        pid = h.run(cmd("cat {f}", f=pidfile), read=True).stdout.strip()
+        assert h.test(cmd("grep -qx radosgw /proc/{p}/comm", p=pid))
+        h.run(cmd("kill {p}; for i in $(seq 50); do [ -d /proc/{p} ] || exit 0; sleep 0.1; done; exit 1", p=pid))
+        nb, _, _ = run_notebook("01-rgw", **p)
+        assert step_counts(nb)["changed"] == 1 and "VERDICT 01-rgw: PASS" in outputs_text(nb)
+        assert h.run(cmd("cat {f}", f=pidfile), read=True).stdout.strip() != pid
+    finally:
+        lab.remove_host(name)

@@ -44,7 +44,6 @@ import re
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -143,15 +142,6 @@ def _docker_ping(sock: str) -> bool:
         return False
 
 
-def _spawn(argv, logf: Path, env=None) -> subprocess.Popen:
-    with open(logf, "ab") as lf:
-        p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=lf,
-                             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                             env=env or CLEAN_ENV)
-    _hosts._children[p.pid] = p
-    return p
-
-
 def _start_control_dockerd():
     if os.path.exists(DOCKER_SOCK):
         if _docker_ping(DOCKER_SOCK):
@@ -164,7 +154,7 @@ def _start_control_dockerd():
     cfg.write_text(json.dumps({"deprecated-key-path": str(CONTROL_DIR / "key.json")}))
     logf = CONTROL_DIR / "dockerd.log"
     # own mount namespace: whatever dockerd mounts (container shm, netns) dies with it
-    p = _spawn(["unshare", "--mount", "--propagation", "private", "dockerd", *DOCKERD_FLAGS,
+    p = _hosts.spawn(["unshare", "--mount", "--propagation", "private", "dockerd", *DOCKERD_FLAGS,
                 "--data-root", CONTROL_DIR / "docker", "--exec-root", RUN_DIR / "docker",
                 "--pidfile", RUN_DIR / "dockerd.pid", "--config-file", cfg, "-H", f"unix://{DOCKER_SOCK}"], logf)
     (CONTROL_DIR / "pid").write_text(str(p.pid))

@@ -81,48 +81,64 @@ ADMIN_CAPS = {"mds": "allow *", "mgr": "allow *", "mon": "allow *", "osd": "allo
 MGR_CAPS = {"mds": "allow *", "mon": "allow profile mgr", "osd": "allow *"}
 
 
-def start(hx, root, addr: str, network: str, log=print, conf_overrides: dict | None = None):
-    """Create and start the cluster.  hx(argv, **kw) runs in the host; root(path) -> path seen from here.
-    conf_overrides: ceph.conf options replacing the defaults (see ceph_conf)."""
-    fsid = str(uuid.uuid4())
-    osd_uuid = str(uuid.uuid4())
+def _write_cluster_files(root, addr: str, network: str, conf_overrides: dict | None) -> dict:
+    """ceph.conf, the admin keyring, the mon keyring (mgr key included: one CLI call less before
+    the health wait) and the daemons' keyrings.  Returns {"fsid", "osd_uuid", "osd_key"}."""
+    fsid, osd_uuid = str(uuid.uuid4()), str(uuid.uuid4())
     admin_key, mon_key, mgr_key, osd_key = gen_key(), gen_key(), gen_key(), gen_key()
-
     for d in ("/var/lib/ceph/tmp", "/var/lib/ceph/mon/ceph-a", "/var/lib/ceph/mgr/ceph-x",
-              "/var/lib/ceph/osd/ceph-0", "/var/log/ceph", "/run/ceph"):
+              "/var/lib/ceph/osd/ceph-0"):
         os.makedirs(root(d), exist_ok=True)
-
-    def write(path, text, mode=0o644):
-        with open(root(path), "w") as f:
-            f.write(text)
-        os.chmod(root(path), mode)
-
-    write("/etc/ceph/ceph.conf", ceph_conf(fsid, addr, network, conf_overrides))
-    write("/etc/ceph/ceph.client.admin.keyring", _keyring({"client.admin": (admin_key, ADMIN_CAPS)}), 0o600)
-    write("/var/lib/ceph/tmp/mon.keyring", _keyring({
+    _write(root, "/etc/ceph/ceph.conf", ceph_conf(fsid, addr, network, conf_overrides))
+    _write(root, "/etc/ceph/ceph.client.admin.keyring", _keyring({"client.admin": (admin_key, ADMIN_CAPS)}), 0o600)
+    _write(root, "/var/lib/ceph/tmp/mon.keyring", _keyring({
         "mon.": (mon_key, {"mon": "allow *"}),
         "client.admin": (admin_key, ADMIN_CAPS),
         "mgr.x": (mgr_key, MGR_CAPS),
     }), 0o600)
-    write("/var/lib/ceph/mgr/ceph-x/keyring", _keyring({"mgr.x": (mgr_key, {})}), 0o600)
-    write("/var/lib/ceph/osd/ceph-0/keyring", _keyring({"osd.0": (osd_key, {})}), 0o600)
+    _write(root, "/var/lib/ceph/mgr/ceph-x/keyring", _keyring({"mgr.x": (mgr_key, {})}), 0o600)
+    _write(root, "/var/lib/ceph/osd/ceph-0/keyring", _keyring({"osd.0": (osd_key, {})}), 0o600)
+    return {"fsid": fsid, "osd_uuid": osd_uuid, "osd_key": osd_key}
 
-    hx(["monmaptool", "--create", "--enable-all-features", "--fsid", fsid,
-        "--addv", "a", f"[v2:{addr}:3300,v1:{addr}:6789]", "/var/lib/ceph/tmp/monmap"])
-    hx(["ceph-mon", "--mkfs", "-i", "a", "--monmap", "/var/lib/ceph/tmp/monmap",
-        "--keyring", "/var/lib/ceph/tmp/mon.keyring"])
-    hx(["ceph-mon", "-i", "a"])          # daemonizes
-    log("  mon.a started")
-    hx(["ceph-mgr", "-i", "x"])          # daemonizes; its key is already in the mon's auth db
-    log("  mgr.x started")
-    out = hx(["ceph", "--connect-timeout", "30", "osd", "new", osd_uuid, "-i", "-"],
-             input=json.dumps({"cephx_secret": osd_key})).stdout.strip()
+
+def _write(root, path: str, text: str, mode: int = 0o644):
+    os.makedirs(os.path.dirname(root(path)), exist_ok=True)
+    with open(root(path), "w") as f:
+        f.write(text)
+    os.chmod(root(path), mode)
+
+
+def _monmap_argv(fsid: str, addr: str) -> list[str]:
+    return ["monmaptool", "--create", "--enable-all-features", "--fsid", fsid,
+            "--addv", "a", f"[v2:{addr}:3300,v1:{addr}:6789]", "/var/lib/ceph/tmp/monmap"]
+
+
+def _new_osd(hx, k: dict):
+    out = hx(["ceph", "--connect-timeout", "30", "osd", "new", k["osd_uuid"], "-i", "-"],
+             input=json.dumps({"cephx_secret": k["osd_key"]})).stdout.strip()
     if out != "0":
         raise LabError(f"ceph osd new returned id {out!r}, expected 0 (stale cluster?)")
-    hx(["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid])
-    hx(["ceph-osd", "-i", "0"])          # daemonizes
+
+
+def start(hx, root, addr: str, network: str, log=print, conf_overrides: dict | None = None):
+    """Create and start the cluster on a host WITHOUT systemd (a legacy host): the daemons
+    daemonize themselves.  hx(argv, **kw) runs in the host; root(path) -> path seen from here.
+    conf_overrides: ceph.conf options replacing the defaults (see ceph_conf)."""
+    for d in ("/var/log/ceph", "/run/ceph"):  # no package scripts or tmpfiles.d made them here
+        os.makedirs(root(d), exist_ok=True)
+    k = _write_cluster_files(root, addr, network, conf_overrides)
+    hx(_monmap_argv(k["fsid"], addr))
+    hx(["ceph-mon", "--mkfs", "-i", "a", "--monmap", "/var/lib/ceph/tmp/monmap",
+        "--keyring", "/var/lib/ceph/tmp/mon.keyring"])
+    hx(["ceph-mon", "-i", "a"])
+    log("  mon.a started")
+    hx(["ceph-mgr", "-i", "x"])
+    log("  mgr.x started")
+    _new_osd(hx, k)
+    hx(["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", k["osd_uuid"]])
+    hx(["ceph-osd", "-i", "0"])
     log("  osd.0 started")
-    return fsid
+    return k["fsid"]
 
 
 # Without these, systemd stops mon, osd and rgw in the same millisecond at poweroff: the OSD
@@ -134,37 +150,14 @@ DROPINS = {
 
 
 def bootstrap(hx, root, addr: str, network: str, log=print, conf_overrides: dict | None = None):
-    """Create the cluster on a systemd host and enable + start its units.
+    """Create the cluster on a systemd host and enable + start its units, as an admin node would.
     hx(argv, **kw) runs as root in the host; root(path) -> that path seen from here."""
-    fsid = str(uuid.uuid4())
-    osd_uuid = str(uuid.uuid4())
-    admin_key, mon_key, mgr_key, osd_key = gen_key(), gen_key(), gen_key(), gen_key()
-
-    def write(path, text, mode=0o644):
-        os.makedirs(os.path.dirname(root(path)), exist_ok=True)
-        with open(root(path), "w") as f:
-            f.write(text)
-        os.chmod(root(path), mode)
-
     for path, text in DROPINS.items():
-        write(path, text)
+        _write(root, path, text)
     hx(["systemctl", "daemon-reload"])
-    for d in ("/var/lib/ceph/tmp", "/var/lib/ceph/mon/ceph-a", "/var/lib/ceph/mgr/ceph-x",
-              "/var/lib/ceph/osd/ceph-0"):
-        os.makedirs(root(d), exist_ok=True)
-    write("/etc/ceph/ceph.conf", ceph_conf(fsid, addr, network, conf_overrides), 0o644)
-    write("/etc/ceph/ceph.client.admin.keyring", _keyring({"client.admin": (admin_key, ADMIN_CAPS)}), 0o600)
-    write("/var/lib/ceph/tmp/mon.keyring", _keyring({
-        "mon.": (mon_key, {"mon": "allow *"}),
-        "client.admin": (admin_key, ADMIN_CAPS),
-        "mgr.x": (mgr_key, MGR_CAPS),
-    }), 0o600)
-    write("/var/lib/ceph/mgr/ceph-x/keyring", _keyring({"mgr.x": (mgr_key, {})}), 0o600)
-    write("/var/lib/ceph/osd/ceph-0/keyring", _keyring({"osd.0": (osd_key, {})}), 0o600)
+    k = _write_cluster_files(root, addr, network, conf_overrides)
     hx(["chown", "-R", "ceph:ceph", "/var/lib/ceph"])
-
-    hx(["monmaptool", "--create", "--enable-all-features", "--fsid", fsid,
-        "--addv", "a", f"[v2:{addr}:3300,v1:{addr}:6789]", "/var/lib/ceph/tmp/monmap"])
+    hx(_monmap_argv(k["fsid"], addr))
     hx(["chown", "ceph:ceph", "/var/lib/ceph/tmp/monmap"])
     hx(["ceph-mon", "--mkfs", "-i", "a", "--monmap", "/var/lib/ceph/tmp/monmap",
         "--keyring", "/var/lib/ceph/tmp/mon.keyring", "--setuser", "ceph", "--setgroup", "ceph"])
@@ -173,16 +166,13 @@ def bootstrap(hx, root, addr: str, network: str, log=print, conf_overrides: dict
     log("  ceph-mon@a started")
     hx(["systemctl", "enable", "--now", "ceph-mgr@x"])   # its key is already in the mon's auth db
     log("  ceph-mgr@x started")
-    out = hx(["ceph", "--connect-timeout", "30", "osd", "new", osd_uuid, "-i", "-"],
-             input=json.dumps({"cephx_secret": osd_key})).stdout.strip()
-    if out != "0":
-        raise LabError(f"ceph osd new returned id {out!r}, expected 0 (stale cluster?)")
-    hx(["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid, "--setuser", "ceph", "--setgroup", "ceph"])
+    _new_osd(hx, k)
+    hx(["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", k["osd_uuid"], "--setuser", "ceph", "--setgroup", "ceph"])
     hx(["chown", "-R", "ceph:ceph", "/var/lib/ceph/osd/ceph-0"])
     hx(["systemctl", "enable", "--now", "ceph-osd@0"])
     log("  ceph-osd@0 started")
     hx(["rm", "-f", "/var/lib/ceph/tmp/mon.keyring", "/var/lib/ceph/tmp/monmap"])
-    return fsid
+    return k["fsid"]
 
 
 UNITS = ["ceph-mon@a", "ceph-mgr@x", "ceph-osd@0"]

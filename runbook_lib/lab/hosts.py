@@ -417,6 +417,17 @@ exec /lib/systemd/systemd
 _children: dict[int, subprocess.Popen] = {}
 
 
+def spawn(argv: list, logf: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a long-lived process detached from us (own session: it outlives `lab up`), its
+    output appended to logf; remembered so that teardown can reap it."""
+    with open(logf, "ab") as lf:
+        p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=lf,
+                             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                             env=env or CLEAN_ENV)
+    _children[p.pid] = p
+    return p
+
+
 def boot(name: str, timeout: float = 30) -> int:
     """Start host `name` (its netns must exist).  Returns its systemd's pid once it runs."""
     m = meta(name)
@@ -429,11 +440,7 @@ def boot(name: str, timeout: float = 30) -> int:
     (d / "boot-outer.sh").write_text(outer)
     (d / "boot-inner.sh").write_text(inner)
     log = d / "boot.log"
-    with open(log, "ab") as lf:
-        p = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns_name(name)}", "bash", str(d / "boot-outer.sh")],
-                             stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
-                             start_new_session=True, close_fds=True, env=CLEAN_ENV)
-    _children[p.pid] = p
+    p = spawn(["nsenter", f"--net=/run/netns/{ns_name(name)}", "bash", d / "boot-outer.sh"], log)
 
     def systemd_pid():
         if p.poll() is not None:

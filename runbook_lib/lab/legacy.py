@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
-from .proc import AUTHORIZED_KEYS, CLEAN_ENV, ETC_HOSTS, HOSTKEY_DIR, LabError, read_proc, wait_for
+from .proc import AUTHORIZED_KEYS, ETC_HOSTS, HOSTKEY_DIR, LabError, read_proc, wait_for
 from . import hosts as H
 
 PRIVATE_DIRS = ["/run", "/tmp", "/var/tmp", "/root", "/opt", "/srv", "/etc/ceph", "/etc/docker",
@@ -114,15 +113,6 @@ def write_etc_hosts():
             f.write(data)
 
 
-def _spawn(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    with open(log, "ab") as lf:
-        p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=lf,
-                             stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                             env=env or CLEAN_ENV)
-    H._children[p.pid] = p
-    return p
-
-
 def start_host(name: str, addr: str, docker: bool = False):
     """Network, sshd (and dockerd) of a legacy host; its metadata must be written already."""
     d = H.host_dir(name)
@@ -130,7 +120,7 @@ def start_host(name: str, addr: str, docker: bool = False):
     write_etc_hosts()
     H.net_up(name, addr)
     log = d / "sshd.log"
-    p = _spawn(["ip", "netns", "exec", H.ns_name(name), "unshare", "--uts", "--mount", "--propagation", "private",
+    p = H.spawn(["ip", "netns", "exec", H.ns_name(name), "unshare", "--uts", "--mount", "--propagation", "private",
                 "sh", "-c", _host_script(name, docker)], log)
     (d / "pid").write_text(str(p.pid))
 
@@ -151,7 +141,7 @@ def start_dockerd(name: str):
     cfg = d / "daemon.json"
     cfg.write_text(json.dumps({"deprecated-key-path": "/etc/docker/key.json"}))
     log = d / "dockerd.log"
-    p = _spawn(nsenter_argv(name) + ["dockerd", *DOCKERD_FLAGS, "--data-root", "/var/lib/docker",
+    p = H.spawn(nsenter_argv(name) + ["dockerd", *DOCKERD_FLAGS, "--data-root", "/var/lib/docker",
                                      "--exec-root", "/var/run/docker", "--pidfile", "/var/run/docker.pid",
                                      "--config-file", cfg, "-H", f"unix://{DOCKER_SOCK}"], log)
     (d / "dockerd.pid").write_text(str(p.pid))
