@@ -124,8 +124,8 @@ def test_classify_pg_limit_fix_follows_where_the_limit_is_set():
 
 
 # ------------------------------------------------------------------ lab helpers
-def ssh(addr) -> SSHHost:
-    return SSHHost(addr, key_filename=LAB_PARAMS["ssh_key"], known_hosts=LAB_PARAMS["known_hosts"])
+def ssh(addr: str):
+    return lab_host(addr)
 
 
 def run_nb(d: pathlib.Path, name: str, expect_error=False, **params):
