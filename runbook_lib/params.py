@@ -213,6 +213,8 @@ def _value_problem(name: str, value) -> str | None:
         path = os.path.expanduser(value)
         if not os.path.exists(path):
             return f"file {value!r} does not exist on the control node"
+    if name == "s3_rootdirectory" and value and not re.fullmatch(r"/[A-Za-z0-9._/-]*[A-Za-z0-9._-]", value):
+        return f"{value!r} must be empty or an absolute key prefix like /files (no trailing /)"
     if name == "bcrypt_cost" and not 4 <= value <= 31:
         return f"{value} is out of range (4-31; 5 is the document's, 10 a good balance)"
     if name.endswith("_days") and value < 1:

@@ -68,8 +68,12 @@ def render_config(storage: str, *, port: int, http_secret: str, htpasswd_path: s
                   cert_path: str = "/certs/registry.pem", key_path: str = "/certs/registry-key.pem",
                   rgw_url: str = "", container: str = "registry", swift_user: str = "", swift_key: str = "",
                   s3_access: str = "", s3_secret: str = "", region: str = S3_REGION,
-                  rootdirectory: str = "/var/lib/registry", addr: str = "0.0.0.0", realm: str = REALM) -> dict:
-    """The document's config.yml as a dict, for one storage backend."""
+                  rootdirectory: str = "/var/lib/registry", addr: str = "0.0.0.0", realm: str = REALM,
+                  readonly: bool = False, s3_rootdirectory: str = "") -> dict:
+    """The document's config.yml as a dict, for one storage backend.
+    readonly: storage.maintenance.readonly on (pulls only; writes answer 405) and the upload
+    purger off (08-migrate).  s3_rootdirectory: the s3 driver's key prefix (08-migrate sets the
+    swift driver's `/files`, so that s3 reads the tree swift wrote)."""
     if storage == "swift":
         driver = {"swift": {"authurl": f"{rgw_url}/auth/v1", "username": swift_user, "password": swift_key,
                             "container": container}}
@@ -85,6 +89,10 @@ def render_config(storage: str, *, port: int, http_secret: str, htpasswd_path: s
     if storage == "s3":
         # else blob GETs get a 307 to a presigned RGW URL: clients would need to reach RGW too
         extra = {"redirect": {"disable": True}}
+        if s3_rootdirectory:
+            driver["s3"]["rootdirectory"] = s3_rootdirectory
+    if readonly:
+        extra["maintenance"] = {"readonly": {"enabled": True}, "uploadpurging": {"enabled": False}}
     return {
         "version": 0.1,
         "log": {"level": "info", "formatter": "text", "fields": {"service": "registry"}},
@@ -171,8 +179,8 @@ def validate_config(cfg: dict, registry_version: int = 2) -> list[str]:
     if registry_version >= 3 and "swift" in drivers:
         problems.append("storage swift: registry 3 removed the swift driver; use storage=s3 (RGW's S3 API) "
                         "or registry_version=2")
-    if registry_version >= 3 and "auth" in cfg and "formatter" in (cfg.get("log") or {}):
-        pass  # same key in 3.x
+    if registry_version >= 3:
+        problems += [p for p in registry3_problems(cfg) if not p.startswith("storage swift")]  # said above
     addr = str((cfg.get("http") or {}).get("addr", ""))
     if addr and not re.match(r"^[^:]*:\d{1,5}$", addr):
         problems.append(f"http.addr {addr!r} is not HOST:PORT")
@@ -310,7 +318,8 @@ def _config_for(ctx) -> dict:
     return render_config(ctx.storage, port=ctx.registry_port, http_secret=http_secret,
                          htpasswd_path=pa["htpasswd"], cert_path=pa["cert"], key_path=pa["key"],
                          rgw_url=_rgw_url(ctx), container=_p(ctx, "container", "registry"),
-                         rootdirectory=pa["root"],
+                         rootdirectory=pa["root"], readonly=bool(_p(ctx, "readonly", False)),
+                         s3_rootdirectory=_p(ctx, "s3_rootdirectory", "") or "",
                          **{k: v for k, v in credentials(ctx).items() if k != "placeholder"})
 
 
@@ -658,7 +667,7 @@ def docker_run_argv(ctx, digest: str) -> list[str]:
     a = ["docker", "run", "-d", "--name", CONTAINER_NAME, "--restart", "always", "--network", "host",
          "--label", f"{LABEL}={digest}",
          "-v", f"{rd}/auth:/auth", "-v", f"{rd}/certs:/certs",
-         "-v", f"{rd}/config.yml:/etc/docker/registry/config.yml"]
+         "-v", f"{rd}/config.yml:{container_config_path((getattr(ctx, 'params', None) or {}).get('registry_version', 2))}"]
     if ctx.storage == "filesystem":
         a += ["-v", f"{rd}/data:/var/lib/registry"]  # survives the container being replaced
     return a + [ctx.image]
@@ -835,3 +844,75 @@ def check(ctx):
         ctx.verdict(False, "registry not healthy: " + "; ".join(bad),
                            hint="503 with credentials = storage health failing (see 07-faq)", **facts)
     ctx.verdict(True, f"registry answers with TLS + basic auth on {len(facts) - 2} host(s)", **facts)
+
+
+# -------------------------------------------------------------------- public names for other sections
+# (07-faq reads the registry's state and asks its storage through these; same behaviour as the
+# private helpers the steps above use)
+def http_call(s, method, u, host, **kw):
+    """One HTTP call to a registry, journaled like a command: (response or None, error text)."""
+    return _http(s, method, u, host, **kw)
+
+
+def curl_conf(**kv) -> str:
+    """A curl config for `curl -K -` (secrets on stdin, never on a command line)."""
+    return _curl_conf(**kv)
+
+
+def config_for(ctx) -> dict:
+    """The config.yml (as a dict) 04 renders for these parameters."""
+    return _config_for(ctx)
+
+
+def docker_state(h) -> tuple[str | None, bool]:
+    """(config hash label, running) of the registry container on h; (None, False) when absent."""
+    return _docker_state(h)
+
+
+def daemon_state(h) -> tuple[str | None, bool]:
+    """(config hash, running) of the registry run without systemd (pidfile) on h."""
+    return _daemon_state(h)
+
+
+# -------------------------------------------------------------------- registry 3 (08-migrate)
+# Where the image reads its config.  registry:3 (distribution 3.0, Dockerfile and the Docker Hub
+# image) reads /etc/distribution/config.yml; a config mounted at 2.x's path is IGNORED there and the
+# container serves an empty filesystem registry.
+CONTAINER_CONFIG = {2: "/etc/docker/registry/config.yml", 3: "/etc/distribution/config.yml"}
+
+
+def container_config_path(registry_version: int = 2) -> str:
+    """The config path inside the registry image of that major version."""
+    return CONTAINER_CONFIG[3 if int(registry_version or 2) >= 3 else 2]
+
+
+def registry3_problems(cfg: dict) -> list[str]:
+    """What distribution 3.0 refuses or would silently do differently in a 2.x config.dict:
+    swift/oss removed (the app panics: StorageDriver not registered), reporting and
+    compatibility.schema1 removed (ignored: not parsed strictly), s3 with regionendpoint no longer
+    forces path-style (RGW without wildcard DNS needs forcepathstyle: true), an s3 region left
+    out becomes "<nil>", and redis' addr/pool keys replaced by go-redis options (addrs, poolsize...)."""
+    problems = []
+    st = cfg.get("storage") or {}
+    for gone in ("swift", "oss"):
+        if gone in st:
+            problems.append(f"storage {gone}: registry 3 removed the {gone} driver (startup panics); "
+                            "move the data to s3 first (08-migrate)")
+    for key, why in (("reporting", "bugsnag/newrelic reporting was removed"),
+                     ("compatibility", "schema1 support was removed (schema1 manifests can no longer be read)")):
+        if key in cfg:
+            problems.append(f"key {key!r}: {why} in registry 3; remove it")
+    s3 = st.get("s3")
+    if isinstance(s3, dict):
+        if s3.get("regionendpoint") and s3.get("forcepathstyle") is not True:
+            problems.append("storage.s3.forcepathstyle: registry 3 no longer forces path-style with regionendpoint; "
+                            "set forcepathstyle: true (RGW without wildcard DNS)")
+        if not s3.get("region"):
+            problems.append("storage.s3.region: registry 3 needs it set (else the string \"<nil>\" is used)")
+    redis = cfg.get("redis")
+    if isinstance(redis, dict):
+        if "addr" in redis:
+            problems.append("redis.addr: registry 3 uses redis.addrs: [..] (go-redis UniversalOptions)")
+        if "pool" in redis:
+            problems.append("redis.pool: registry 3 uses maxidleconns/poolsize/connmaxidletime")
+    return problems
