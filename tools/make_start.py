@@ -53,6 +53,7 @@ HOSTS = """
 | 5 | [05-push](05-push.ipynb) | clients trust the CA, log in, push an image; its layers are seen in RGW |
 | 6 | [06-operations](06-operations.ipynb) | catalog, tags, digests, deleting images and layers, garbage collection |
 | 7 | [07-faq](07-faq.ipynb) | diagnoses and fixes the document's two failures (416 and 503) |
+| 8 | [08-migrate](08-migrate.ipynb) | moves a swift registry to the s3 driver in place (registry 3 has no swift); plans only unless `switch=True` |
 | 1–5 | [deploy](deploy.ipynb) | sections 1 to 5 in one run, for papermill (headless) |
 
 Each notebook starts with its parameters cell, then one cell per step, and ends with a
