@@ -161,6 +161,10 @@ def test_deploy_then_rerun_changes_nothing(lab, run_notebook):
     # the daemon's key never reaches the executed notebook
     key = ssh_host(lab, CEPH1).run(cmd("ceph auth print-key client.rgw.ceph1"), read=True, no_log=True).stdout.strip()
     assert len(key) > 20 and key not in path2.read_text()
+    # RGW is a systemd unit on ceph1, enabled (it comes back after a reboot: test_faults)
+    h = ssh_host(lab, CEPH1)
+    assert h.run(cmd("systemctl is-active ceph-radosgw@rgw.ceph1"), read=True, check=False).stdout.strip() == "active"
+    assert h.run(cmd("systemctl is-enabled ceph-radosgw@rgw.ceph1"), read=True, check=False).stdout.strip() == "enabled"
     # the daemon runs with Nagle off (bench/bench_push.py: 5x the push throughput)
     assert running_frontends(ssh_host(lab, CEPH1)) == "beast endpoint=198.18.0.2:7480 tcp_nodelay=1"
 
