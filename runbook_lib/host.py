@@ -184,7 +184,7 @@ class Host:
         return bool(self.become and self._sudo)
 
     def check_become(self) -> str:
-        """With become, make sure sudo works without a password (once per connection; a read).
+        """With become, make sure sudo works without a password (once per host object; a read).
         Raises HostAuthError naming the host and the fix.  Returns how privilege is had:
         "root" (the login is root), "sudo", or "none" (become off)."""
         if not self.become:
@@ -279,7 +279,6 @@ class SSHHost(Host):
         with self._lock:
             if self._conn is None or not self._conn.is_connected:
                 self._conn = self._connect()
-                self._sudo = None  # checked again on the new connection
             return self._conn
 
     def _connect(self):

@@ -137,7 +137,7 @@ def test_become_runs_commands_and_file_writes_as_root_through_sudo(lab, tmp_path
     entries = [json.loads(l) for l in jpath.read_text().splitlines()]
     assert not any(e["become"] for e in entries[:n_plain])
     checks = [e for e in entries if e["command"].startswith("become check as k8s")]
-    assert len(checks) == 1 and checks[0]["exit_code"] == 0  # once per connection, recorded
+    assert len(checks) == 1 and checks[0]["exit_code"] == 0  # once per host, recorded
     mine = [e for e in entries[n_plain:-2] + entries[-1:] if e not in checks]  # all but plain's read_file
     assert len(mine) > 10 and all(e["become"] for e in mine), [e for e in mine if not e["become"]]
     assert all("sudo" not in e["command"] for e in entries if e not in checks)  # the command, not the wrapper
