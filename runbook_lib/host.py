@@ -8,7 +8,7 @@ read (reads are needed to decide, and are marked as such).
 
 Privilege comes from `become` (as Ansible's), here and nowhere else: a host made with
 become=True runs every command and every file write as root through `sudo -n` (never a
-prompt, never a hang), after one check per connection that sudo works without a password.
+prompt, never a hang), after one check per host that sudo works without a password.
 A login that is already root needs no sudo.  Modules never write `sudo` themselves.
 """
 from __future__ import annotations
