@@ -23,7 +23,7 @@ DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 # str parameters that also take a YAML list (one host or several).
 LIST_OK = {"registry_host"}
 # Host parameters where "" means a default (e.g. ceph_admin_host: "" = rgw_host).
-OPTIONAL_HOSTS = {"ceph_admin_host"}
+OPTIONAL_HOSTS = {"ceph_admin_host", "client_host"}  # client_host "": 07-faq checks no client (05-push: local)
 CHOICES = {
     "method": ("packages", "ceph-deploy", "cephadm", "existing"),
     "storage": ("swift", "s3", "filesystem"),
@@ -215,6 +215,13 @@ def _value_problem(name: str, value) -> str | None:
             return f"file {value!r} does not exist on the control node"
     if name == "s3_rootdirectory" and value and not re.fullmatch(r"/[A-Za-z0-9._/-]*[A-Za-z0-9._-]", value):
         return f"{value!r} must be empty or an absolute key prefix like /files (no trailing /)"
+    if name == "symptom" and len(value) > 4000:
+        return f"{len(value)} characters: paste the client's last lines only (at most 4000)"
+    if name == "registry_address" and value:
+        hostpart, sep, port = value.rpartition(":") if re.search(r":\d+$", value) else (value, "", "")
+        p = host_problem(hostpart.strip("[]"))
+        if p or hostpart == "local" or (port and not 1 <= int(port) <= 65535):
+            return f"{value!r} is not HOST or HOST:PORT (as the client uses it: docker login HOST:PORT)"
     if name == "bcrypt_cost" and not 4 <= value <= 31:
         return f"{value} is out of range (4-31; 5 is the document's, 10 a good balance)"
     if name.endswith("_days") and value < 1:

@@ -919,3 +919,16 @@ def check(ctx) -> None:
     ok = n is None or n == len(layers)
     ctx.verdict(ok, f"pushed {image} to {t}, {where}", client=client, digest=digest,
                 layers=len(layers), storage=driver)
+
+
+# -- public names for other sections (07-faq drives the same client the same way) -------------------
+
+def client_of(ctx):
+    """The host the client runs on (client_host; "local" = the control node)."""
+    return _client(ctx)
+
+
+def stored_login_path(ctx) -> str:
+    """Where the client keeps its login for the registry: docker's config.json
+    (${DOCKER_CONFIG:-$HOME/.docker}/config.json on client_host), or skopeo's authfile of 05-push."""
+    return _docker_config_path(ctx) if _p(ctx, "client", "docker") == "docker" else _authfile(ctx)

@@ -483,3 +483,15 @@ def check(ctx) -> None:
     else:
         ctx.verdict(True, f"RGW answers on {addr}", endpoint=endpoint(ctx), method=o["method"],
                     anonymous_get=seen, pools=".rgw.root and default.rgw.* present")
+
+
+# -- public names for other sections (07-faq reads RGW's daemon, pid and log through these) --------
+
+def daemon_of(ctx) -> str:
+    """The RGW daemon id on rgw_host ("rgw.<short hostname>" or rgw_name), asked once per run."""
+    return _did(ctx)
+
+
+def running_pid(h, pidfile: str) -> int | None:
+    """The pid of the radosgw named by pidfile, or None (no file, stale file)."""
+    return _pid(h, pidfile)

@@ -123,6 +123,29 @@ def test_classify_pg_limit_fix_follows_where_the_limit_is_set():
     assert [x.cause for x in faq.classify(ev)] == ["pg-limit"]
 
 
+# ------------------------------------------------------------------ pure classification (no lab)
+@pytest.mark.parametrize("text,fam", [
+    ('Error response from daemon: Get "https://r:8000/v2/": x509: certificate signed by unknown authority', "x509"),
+    ("http: server gave HTTP response to HTTPS client", "x509"),
+    ("unauthorized: authentication required", "401"),
+    ('Get "https://r:8000/v2/": dial tcp 10.0.0.1:8000: connect: connection refused', "refused"),
+    ("Error response from daemon: login attempt to https://r:8000/v2/ failed with status: 503 Service Unavailable",
+     "503"),
+    ("received unexpected HTTP status: 500 Internal Server Error", "5xx"),
+    ("416 Requested Range Not Satisfiable", "416"),
+    ("", None),
+])
+def test_symptom_family(text, fam):
+    assert faq.symptom_family(text) == fam
+
+
+def test_symptom_address_and_order():
+    assert faq.symptom_address('Get "https://faqreg1:8000/v2/": x509') == "faqreg1:8000"
+    assert faq.symptom_address("unauthorized") is None
+    a, b = faq.Finding("registry-down", "h"), faq.Finding("htpasswd-user-missing", "h")
+    assert faq.order_findings([a, b], "401") == [b, a] and faq.order_findings([a, b], None) == [a, b]
+
+
 # ------------------------------------------------------------------ lab helpers
 def ssh(addr: str):
     return lab_host(addr)
@@ -355,3 +378,51 @@ def test_416_with_the_limit_in_ceph_conf(lab, fixed416):
 def test_bad_probe_container_is_a_parameter_error(fixed416):
     text, _ = run_nb(fixed416, "07-faq", expect_error=True, probe_container="Bad_Name")
     assert "probe_container" in text and "nothing was changed" in text
+
+
+def test_pure_helpers_of_the_401_x509_refused_and_5xx_causes():
+    from passlib.hash import bcrypt
+    ht = f"foo:{bcrypt.using(rounds=4, ident='2y').hash('right-pass')}\nbar:{{SHA}}x\n"
+    assert faq.check_htpasswd(ht, "foo", "right-pass")["verifies"] is True
+    assert faq.check_htpasswd(ht, "foo", "wrong-pass")["verifies"] is False
+    assert faq.check_htpasswd(ht, "bar", "x")["bcrypt"] is False and faq.check_htpasswd(ht, "bar", "x")["verifies"] is False
+    assert faq.check_htpasswd(ht, "baz", "x")["user_present"] is False
+    assert "$2y$" not in json.dumps(faq.check_htpasswd(ht, "foo", "right-pass"))
+    ls = lambda *a: [{"local": x, "procs": ["registry"]} for x in a]  # noqa: E731
+    assert faq.listener_problem(ls("*:8000"), 8000)["ok"]
+    assert faq.listener_problem(ls("127.0.0.1:8000"), 8000)["kind"] == "listening-elsewhere"
+    assert faq.listener_problem(ls("*:5000"), 8000)["kind"] == "wrong-port"
+    assert faq.listener_problem([{"local": "*:22", "procs": ["sshd"]}], 8000)["kind"] == "port-closed"
+    assert faq.certs_d_state({"1.2.3.4:8000": "a"}, "reg:8000", ["1.2.3.4:8000"], "a") == {
+        "state": "missing", "others": ["1.2.3.4:8000"]}
+    assert faq.certs_d_state({"reg:8000": "b"}, "reg:8000", [], "a")["state"] == "other-ca"
+    assert faq.quota_usage({"enabled": True, "max_objects": 10, "max_size": -1}, 0, 10) == [
+        "10 of max 10 objects (100%)"]
+    assert faq.quota_usage({"enabled": False, "max_objects": 1}, 0, 10) == []
+    import base64
+    cfg = json.dumps({"auths": {"r:8000": {"auth": base64.b64encode(b"foo:old-pass").decode()}}})
+    assert faq.stored_login(cfg, "r:8000", "foo", "new-pass") == {"state": "stale", "user": "foo"}
+    assert faq.stored_login(cfg, "r:8000", "foo", "old-pass")["state"] == "current"
+    assert faq.stored_login("{}", "r:8000", "foo", "x")["state"] == "absent"
+
+
+def test_classify_the_new_causes():
+    c = lambda ev: [f.cause for f in faq.classify(ev)]  # noqa: E731
+    ht = {"path": "/opt/k8s/registry/auth/htpasswd", "kind": "file", "users": ["foo"], "user_present": True,
+          "bcrypt": True, "verifies": True, "log": []}
+    listen = faq.listener_problem([{"local": "*:8000", "procs": ["registry"]}], 8000)
+    reg = lambda **kw: {"g": _healthy_reg(htpasswd=dict(ht, **kw.pop("ht", {})), listen=kw.pop("listen", listen),  # noqa: E731
+                                          **{"port_open": "open", **kw})}
+    assert c(_ev(registry=reg())) == []
+    f = faq.classify(_ev(registry=reg(ht={"verifies": False, "env_differs": True, "state_verifies": True},
+                                      v2={"anonymous": 401, "with_credentials": 401})))
+    assert [x.cause for x in f] == ["htpasswd-wrong-password"] and not f[0].fixable and "unset REGISTRY_PASSWORD" in f[0].commands
+    assert c(_ev(registry=reg(ht={"user_present": False, "users": ["alice"]}))) == ["htpasswd-user-missing"]
+    assert c(_ev(registry=reg(ht={"kind": "directory"}, files={"/auth/htpasswd": "cannot be read"}))) == ["htpasswd-missing"]
+    assert c(_ev(registry=reg(listen=faq.listener_problem([{"local": "*:5000", "procs": ["registry"]}], 8000),
+                              port_open="refused", v2={"anonymous": "refused", "with_credentials": "refused"}))) == ["wrong-port"]
+    assert c(_ev(account={"uid": "u", "suspended": True})) == ["rgw-user-suspended"]
+    assert c(_ev(ceph={"osd_full": ["1 full osd(s): osd.0 is full"], "health": "HEALTH_ERR"})) == ["osd-full"]
+    # the report's first line says what to do
+    rep = repr(faq.Diagnosis(faq.classify(_ev(account={"uid": "u", "suspended": True}))))
+    assert rep.startswith("what to do: 1. rgw-user-suspended") and "radosgw-admin user enable --uid=u" in rep
