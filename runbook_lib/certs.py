@@ -348,9 +348,12 @@ def names(ctx) -> list[str]:
         extra = parse_sans(_p(ctx, "cert_sans"))
     except ValueError as e:
         raise ParameterError([f"cert_sans: {e}"]) from None
-    addrs = P.as_list(ctx.registry_host)
+    addrs = client_addresses(ctx)
     hostnames = []
     for a in addrs:
+        if a not in P.as_list(ctx.registry_host):  # lb_host: its address only (clients use that)
+            steps.row(lb_host=a, hostname="(not asked: clients address the LB by this address)")
+            continue
         h = ctx.host(a).run(cmd("hostname"), read=True, timeout=30).stdout.strip()
         if h and not P.host_problem(h) and h not in hostnames:
             hostnames.append(h)
@@ -375,7 +378,7 @@ def plan(ctx, sans=None) -> dict:
     except ValueError as e:
         raise ParameterError([f"cert_cn/cert_org: {e}"]) from None
     ca, ca_key, ours = _load_ca(ctx)
-    required = P.as_list(ctx.registry_host)
+    required = client_addresses(ctx)
     out = {"ca": ca, "ca_key": ca_key, "ours": ours, "subject": subject, "sans": sans, "required": required}
     if _p(ctx, "server_cert") or _p(ctx, "server_key"):
         out.update(_plan_given(ctx, ca, required))
@@ -505,7 +508,7 @@ def verify(ctx) -> list[str]:
     for c, what in ((ca, "CA"), (cert, "certificate")):
         if not c.not_valid_before_utc <= t <= c.not_valid_after_utc:
             problems.append(f"the {what} is not valid now ({c.not_valid_before_utc:%Y-%m-%d} .. {c.not_valid_after_utc:%Y-%m-%d})")
-    miss = missing_sans(cert, P.as_list(ctx.registry_host))
+    miss = missing_sans(cert, client_addresses(ctx))
     if miss:
         problems.append(f"SANs miss registry address(es) {', '.join(miss)}")
     if not key_matches(cert, key):
@@ -542,7 +545,7 @@ def check(ctx):
     if cd:
         try:
             cert = load_cert(cd, "certificate")
-            facts = {"subject": cert.subject.rfc4514_string(), "SANs cover": ", ".join(P.as_list(ctx.registry_host)),
+            facts = {"subject": cert.subject.rfc4514_string(), "SANs cover": ", ".join(client_addresses(ctx)),
                      "days left": f">= {_p(ctx, 'renew_days', 30)}" if
                      (cert.not_valid_after_utc - now()).days >= _p(ctx, "renew_days", 30) else "RENEW"}
         except CertError:
@@ -550,3 +553,11 @@ def check(ctx):
     ok = not problems
     ctx.verdict(ok, "certificate chain valid, SANs cover every registry address" if ok else "; ".join(problems),
                        hint="re-run this notebook (it re-issues what is wrong)", **facts)
+
+
+def client_addresses(ctx) -> list[str]:
+    """Every address clients use: each registry_host, and lb_host when there is a load balancer
+    (TLS passes through it: the registry's one certificate must name the LB address too)."""
+    addrs = P.as_list(ctx.registry_host)
+    lb = (ctx.params.get("lb_host") or "").strip()
+    return addrs + ([lb] if lb and lb not in addrs else [])

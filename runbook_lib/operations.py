@@ -65,8 +65,10 @@ EXPLAIN = {
     "TAG_INVALID": ("invalid tag", "letters, digits, _ . -, at most 128 characters"),
     "DIGEST_INVALID": ("the registry wants a digest here", "registry 2.x deletes manifests by digest only, never by "
                        "tag name: resolve the tag to its Docker-Content-Digest first (delete_tag does that)"),
-    "UNSUPPORTED": ("deletes are disabled on this registry (405)", "set storage.delete.enabled: true in its "
-                    "config.yml (04-registry) and restart it; nothing was deleted"),
+    "UNSUPPORTED": ("405: the registry is read-only for GC (storage.maintenance.readonly), or deletes are "
+                    "disabled on it", "while 06-operations' garbage collection runs (gc_mode=readonly) every "
+                    "write is refused: try again when it is done; otherwise set storage.delete.enabled: true in "
+                    "its config.yml (04-registry) and restart it; nothing was deleted"),
     "PAGINATION_NUMBER_INVALID": ("page size too large", f"the registry accepts n <= {MAX_PAGE}: lower page_size"),
 }
 
@@ -483,8 +485,9 @@ def _registry_hosts(ctx) -> list[str]:
 
 
 def base_url(ctx) -> str:
-    """https://HOST:PORT of the first registry host (04-registry's `registry.url`)."""
-    host = _registry_hosts(ctx)[0]
+    """https://HOST:PORT of the load balancer (lb_host) when there is one, else of the first
+    registry host (04-registry's `registry.url`)."""
+    host = (ctx.params.get("lb_host") or "").strip() or _registry_hosts(ctx)[0]
     try:
         from . import registry
         return registry.url(ctx, host)
@@ -1101,13 +1104,21 @@ def wait_ready(ctx, timeout: float = 30.0):
     registry.wait_ready(ctx, timeout, healthy=True)
 
 
-@steps.step("Garbage collection (registry stopped, then restarted)")
-def garbage_collect(ctx, delete_untagged: bool = False, run: bool = True, dry_run: bool | None = None) -> dict:
-    """`registry garbage-collect CONFIG` with the registry STOPPED on every registry host
-    (they share the storage), then started again — its in-memory blob-descriptor cache
-    would otherwise tell the next push that a collected blob still exists.  Measures the
-    storage before and after.  Nothing eligible -> nothing stopped (ok, not changed)."""
-    out = {"ran": False, "freed_bytes": None, "freed_objects": None}
+@steps.step("Garbage collection (gc_mode readonly: replicas read-only one at a time, pulls served; "
+            "stop: registry stopped), then read-write again")
+def garbage_collect(ctx, delete_untagged: bool = False, run: bool = True, dry_run: bool | None = None,
+                    gc_mode: str | None = None) -> dict:
+    """`registry garbage-collect CONFIG` while no replica can write: gc_mode readonly (default)
+    switches every registry host to storage.maintenance.readonly, one at a time (config change +
+    restart; with a load balancer each replica is drained first), so pulls are served throughout and
+    pushes get 405; stop stops them all (every pull fails meanwhile).  Either way each replica is
+    restarted at the end — its in-memory blob-descriptor cache would otherwise tell the next push that
+    a collected blob still exists.  Measures the storage before and after.  Nothing eligible ->
+    nothing changed (ok)."""
+    mode = gc_mode or ctx.params.get("gc_mode") or "readonly"
+    if mode not in GC_MODES:
+        raise ParameterError([f"gc_mode: {mode!r} is not one of {', '.join(GC_MODES)}"])
+    out = {"ran": False, "freed_bytes": None, "freed_objects": None, "mode": mode}
     if not run:
         steps.note("gc=False: not run (the dry-run report above shows what it would remove)")
         return out
@@ -1138,6 +1149,11 @@ def garbage_collect(ctx, delete_untagged: bool = False, run: bool = True, dry_ru
                 "delete those images first")
     before = usage(ctx, dep)
     hosts = [ctx.host(a) for a in dep.hosts]
+    if mode == "readonly" and not dep.running:
+        steps.note("the registry is not running: gc_mode readonly needs it running; collecting as gc_mode=stop")
+        mode = out["mode"] = "stop"
+    steps.fact("gc_mode", mode + (" (pulls served, pushes refused with 405)" if mode == "readonly" else
+                                  " (every pull fails while GC runs)"))
     if before:
         steps.fact("storage before", f"{human_bytes(before['bytes'])} in {before['objects']} object(s)")
     if dry and not ctx.dry_run:
@@ -1146,10 +1162,21 @@ def garbage_collect(ctx, delete_untagged: bool = False, run: bool = True, dry_ru
                                                            stopped=True))
         verb = {"docker": f"docker {{}} {dep.container}", "systemd": "systemctl {} docker-registry",
                 "daemon": "{} docker-registry (pidfile)"}[dep.runtime]
+        if mode == "readonly":
+            verb = ("config.yml storage.maintenance.readonly {} + " +
+                    {"docker": f"docker restart {dep.container}", "systemd": "systemctl restart docker-registry",
+                     "daemon": "restart docker-registry (pidfile)"}[dep.runtime])
+            for text in [*(f"[{x.name}] " + verb.format("on") for x in hosts), gc_cmd,
+                         *(f"[{x.name}] " + verb.format("off") for x in hosts)]:
+                record(Result(h.name, text, None, skipped=True, changed=True))
+            return out
         for text in [*(f"[{x.name}] " + verb.format("stop") for x in hosts), gc_cmd,
                      *(f"[{x.name}] " + verb.format("start") for x in hosts)]:
             record(Result(h.name, text, None, skipped=True, changed=True))
         return out
+    if mode == "readonly":
+        out["ran"], out["readonly_window_s"] = _gc_readonly(ctx, dep, h, delete_untagged)
+        hosts = []  # nothing stopped below
     state: dict = {}
     stopped = []
     try:
@@ -1157,6 +1184,8 @@ def garbage_collect(ctx, delete_untagged: bool = False, run: bool = True, dry_ru
             if dep.running or x is not h:
                 _stop(ctx, dep, x, state)
                 stopped.append(x)
+        if mode == "readonly":
+            raise _Done
         argv = gc_argv(dep, dry_run=False, delete_untagged=delete_untagged, stopped=True)
         r = h.run(argv, timeout=1800, check=False)
         if r.exit_code not in (0, None) and "failed to mark" in r.stdout + r.stderr:
@@ -1169,6 +1198,8 @@ def garbage_collect(ctx, delete_untagged: bool = False, run: bool = True, dry_ru
             raise CommandFailed(h.name, r.command, r.exit_code, r.stdout, r.stderr,
                                 hint="the registry is restarted anyway; look at the output above")
         out["ran"] = not r.skipped
+    except _Done:
+        pass
     finally:
         for x in stopped:
             _start(ctx, dep, x, state)
@@ -1221,3 +1252,136 @@ def check(ctx):
     if ctx.dry_run:
         what += "; deletes and GC shown, not done (dry run)"
     ctx.verdict(True, what + "; GC dry-run reported", **facts)  # printed; no return value to display
+
+
+# -------------------------------------------------------------------------- GC without pull downtime (issue 17)
+GC_MODES = ("readonly", "stop")
+RW_KEEP = ".runbook-rw"  # next to config.yml: the read-write config, kept while a replica is read-only for GC
+
+
+class _Done(Exception):
+    """Internal: the readonly path has already collected (skips the stop path's body)."""
+
+
+class _OneHost:
+    """ctx seen as if registry_host were one replica (detect / wait_ready act on that one)."""
+
+    def __init__(self, ctx, addr: str):
+        self.__dict__.update(_ctx=ctx, registry_host=addr)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_ctx"], name)
+
+
+def readonly_block() -> dict:
+    """storage.maintenance for GC: 04-registry's own read-only rendering (as 08-migrate uses it)."""
+    from . import registry
+    return registry.render_config("inmemory", port=1, http_secret="-", readonly=True)["storage"]["maintenance"]
+
+
+def _restart(ctx, dep: Deployment, h):
+    """Restart one replica the way it runs: SIGTERM first (with http.draintimeout in-flight requests
+    finish), then start; the in-memory blob-descriptor cache starts empty."""
+    if dep.runtime == "docker":
+        h.run(cmd("docker restart -t 15 {n}", n=dep.container))
+    elif dep.runtime == "systemd":
+        h.run(cmd("systemctl restart docker-registry"))
+    else:
+        state: dict = {}
+        _stop(ctx, dep, h, state)
+        _start(ctx, dep, h, state)
+
+
+def set_readonly(ctx, addr: str, readonly: bool) -> bool:
+    """One replica to storage.maintenance.readonly (its deployed config.yml with the maintenance
+    block 04-registry renders for read-only; the read-write file kept as config.yml.runbook-rw) or
+    back to the kept file, byte for byte (so 04's config hash still matches); written in place
+    (owner, group, mode kept), then the replica restarted and waited for (200 with credentials).
+    -> changed.  Idempotent: a replica already in that state is left alone."""
+    one = _OneHost(ctx, addr)
+    dep = detect(one)
+    h = ctx.host(addr)
+    path = dep.config_host
+    if not path:
+        raise RunbookError(f"{addr}: the registry's config.yml is not a file on the host (no bind mount found)",
+                           "collect with gc_mode=stop")
+    keep = path + RW_KEEP
+    has_keep = h.exists(keep)
+    if readonly:
+        if dep.readonly:
+            if not has_keep:
+                steps.note(f"{addr}: already read-only (not by this runbook): left as it is")
+            return False
+        text = h.read_file(path)
+        if text is None:
+            raise RunbookError(f"{addr}: cannot read {path}", "collect with gc_mode=stop")
+        cfg = parse_config(text.decode())
+        cfg.setdefault("storage", {})["maintenance"] = readonly_block()
+        from . import registry
+        h.run(cmd("cp -p {p} {k}", p=path, k=keep))
+        h.run(cmd("cat > {p}", p=path), stdin=registry.to_yaml(cfg), no_log=True)
+    else:
+        if not has_keep:
+            return False
+        h.run(cmd("cp -p {k} {p} && rm -f {k}", k=keep, p=path))
+    if ctx.dry_run:
+        return True
+    t0 = time.monotonic()
+    _restart(ctx, dep, h)
+    from . import registry
+    registry.wait_ready(one, 60, healthy=True)
+    steps.row(host=addr, config="read-only" if readonly else "read-write",
+              restart=f"{time.monotonic() - t0:.1f} s", at=dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%S"))
+    return True
+
+
+def _run_gc(h, argv) -> Result:
+    r = h.run(argv, timeout=1800, check=False)
+    if r.exit_code not in (0, None) and "failed to mark" in r.stdout + r.stderr:
+        steps.note("garbage-collect failed in its mark phase (nothing deleted): retrying once")
+        time.sleep(2)
+        r = h.run(argv, timeout=1800, check=False)
+    return r
+
+
+def _gc_readonly(ctx, dep: Deployment, h, delete_untagged: bool) -> tuple[bool, float]:
+    """Every replica read-only (one at a time, drained from the LB first), GC on the first one
+    (docker exec in the running read-only container), every replica back to read-write the same way
+    — also when GC fails.  -> (ran, read-only window in seconds)."""
+    from . import lb
+    t0 = time.monotonic()
+    ran = False
+    try:
+        lb.rolling(ctx, lambda a: set_readonly(ctx, a, True), dep.hosts)
+        steps.note("every replica read-only: pulls are served, pushes get 405 (\"registry is read-only for GC\")")
+        ro_dep = detect(ctx)
+        r = _run_gc(h, gc_argv(ro_dep, dry_run=False, delete_untagged=delete_untagged, stopped=not ro_dep.running))
+        if r.exit_code not in (0, None):
+            raise CommandFailed(h.name, r.command, r.exit_code, r.stdout, r.stderr,
+                                hint="every replica is switched back to read-write anyway; look at the output above")
+        ran = not r.skipped
+    finally:
+        lb.rolling(ctx, lambda a: set_readonly(ctx, a, False), dep.hosts)
+        if not ctx.dry_run:
+            wait_ready(ctx)
+    window = round(time.monotonic() - t0, 1)
+    steps.fact("read-only window", f"{window} s (first replica read-only -> last one read-write again)")
+    return ran, window
+
+
+@steps.step("Rolling restart of every registry replica (drained from the load balancer first)")
+def rolling_restart(ctx) -> list:
+    """Each replica restarted in turn (SIGTERM, in-flight requests finish, start, 200 with
+    credentials), the next only when the previous one is back (and UP in haproxy)."""
+    from . import lb
+
+    def one(a):
+        dep = detect(_OneHost(ctx, a))
+        t0 = time.monotonic()
+        _restart(ctx, dep, ctx.host(a))
+        if not ctx.dry_run:
+            from . import registry
+            registry.wait_ready(_OneHost(ctx, a), 60, healthy=True)
+        steps.row(host=a, restart=f"{time.monotonic() - t0:.1f} s")
+        return a
+    return lb.rolling(ctx, one, _registry_hosts(ctx))

@@ -23,13 +23,14 @@ DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 # str parameters that also take a YAML list (one host or several).
 LIST_OK = {"registry_host"}
 # Host parameters where "" means a default (e.g. ceph_admin_host: "" = rgw_host).
-OPTIONAL_HOSTS = {"ceph_admin_host", "client_host"}  # client_host "": 07-faq checks no client (05-push: local)
+OPTIONAL_HOSTS = {"ceph_admin_host", "client_host", "lb_host"}  # client_host "": 07-faq checks no client (05-push: local); lb_host "": no load balancer
 CHOICES = {
     "method": ("packages", "ceph-deploy", "cephadm", "existing"),
     "storage": ("swift", "s3", "filesystem"),
     "runtime": ("docker", "systemd"),
     "client": ("docker", "skopeo"),
     "access": ("read", "write", "readwrite", "full"),
+    "gc_mode": ("readonly", "stop"),
 }
 
 

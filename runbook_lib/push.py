@@ -108,6 +108,11 @@ def explain(text: str, target: str, client: str) -> tuple[str, str, str] | None:
                 "(unauthorized: authentication required).",
                 "check registry_user and the password (env REGISTRY_PASSWORD or <state_dir>/secrets); "
                 "04-registry writes the htpasswd entry for them")
+    if re.search(r"\b405\b|UNSUPPORTED|operation is unsupported|method not allowed", t, re.I):
+        return ("readonly", "405 from the registry: the registry is read-only for GC (storage.maintenance.readonly: "
+                "06-operations garbage collection, gc_mode=readonly, is running); pulls work, pushes are refused.",
+                "push again when garbage collection is done (06-operations switches every replica back to "
+                "read-write one at a time)")
     if "server gave HTTP response to HTTPS client" in t:
         return ("http", "The registry answers plain HTTP, not HTTPS.",
                 "deploy the registry with TLS (04-registry)")
@@ -230,8 +235,12 @@ def _abbrev(path: str) -> str:
 # -- context helpers ---------------------------------------------------------------------
 
 def target(ctx) -> str:
-    """HOST:PORT of the registry as clients address it (the first registry_host)."""
-    return f"{P.as_list(ctx.params['registry_host'])[0]}:{ctx.params['registry_port']}"
+    """HOST:PORT of the registry as clients address it (lb_host when set, else the first registry_host)."""
+    return f"{_client_address(ctx)}:{ctx.params['registry_port']}"
+
+
+def _client_address(ctx) -> str:
+    return (ctx.params.get("lb_host") or "").strip() or P.as_list(ctx.params["registry_host"])[0]
 
 
 def remote_ref(ctx) -> str:
@@ -318,7 +327,7 @@ def _session(ctx):
 def _url(ctx) -> str:
     try:
         from . import registry
-        return registry.url(ctx, P.as_list(ctx.params["registry_host"])[0]).rstrip("/")
+        return registry.url(ctx, _client_address(ctx)).rstrip("/")
     except (ImportError, AttributeError):
         return f"https://{target(ctx)}"
 

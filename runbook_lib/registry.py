@@ -38,6 +38,7 @@ LOGFILE = "/var/log/docker-registry.log"
 UNIT_PATH = "/etc/systemd/system/docker-registry.service"
 OUR_PROCESSES = ("registry", "docker-registry")  # what may hold registry_port already
 READY_TIMEOUT = 30.0
+DRAIN_TIMEOUT = "10s"  # http.draintimeout with a load balancer (06's restarts give docker 15 s before SIGKILL)
 
 
 class RegistryError(RunbookError):
@@ -69,11 +70,15 @@ def render_config(storage: str, *, port: int, http_secret: str, htpasswd_path: s
                   rgw_url: str = "", container: str = "registry", swift_user: str = "", swift_key: str = "",
                   s3_access: str = "", s3_secret: str = "", region: str = S3_REGION,
                   rootdirectory: str = "/var/lib/registry", addr: str = "0.0.0.0", realm: str = REALM,
-                  readonly: bool = False, s3_rootdirectory: str = "") -> dict:
+                  readonly: bool = False, s3_rootdirectory: str = "", draintimeout: str = "",
+                  s3_redirect: bool = False) -> dict:
     """The document's config.yml as a dict, for one storage backend.
     readonly: storage.maintenance.readonly on (pulls only; writes answer 405) and the upload
     purger off (08-migrate).  s3_rootdirectory: the s3 driver's key prefix (08-migrate sets the
-    swift driver's `/files`, so that s3 reads the tree swift wrote)."""
+    swift driver's `/files`, so that s3 reads the tree swift wrote).  draintimeout: http.draintimeout
+    (on SIGTERM the registry stops accepting and lets in-flight requests finish that long; set when
+    a load balancer is in front, issue 17).  s3_redirect: blob GETs answered with a 307 to a
+    pre-signed RGW URL (the driver's default; off unless asked: clients must then reach RGW)."""
     if storage == "swift":
         driver = {"swift": {"authurl": f"{rgw_url}/auth/v1", "username": swift_user, "password": swift_key,
                             "container": container}}
@@ -88,17 +93,18 @@ def render_config(storage: str, *, port: int, http_secret: str, htpasswd_path: s
     extra = {}
     if storage == "s3":
         # else blob GETs get a 307 to a presigned RGW URL: clients would need to reach RGW too
-        extra = {"redirect": {"disable": True}}
+        extra = {} if s3_redirect else {"redirect": {"disable": True}}
         if s3_rootdirectory:
             driver["s3"]["rootdirectory"] = s3_rootdirectory
     if readonly:
         extra["maintenance"] = {"readonly": {"enabled": True}, "uploadpurging": {"enabled": False}}
+    http_extra = {"draintimeout": draintimeout} if draintimeout else {}
     return {
         "version": 0.1,
         "log": {"level": "info", "formatter": "text", "fields": {"service": "registry"}},
         "storage": {"cache": {"blobdescriptor": "inmemory"}, "delete": {"enabled": True}, **extra, **driver},
         "auth": {"htpasswd": {"realm": realm, "path": htpasswd_path}},
-        "http": {"addr": f"{addr}:{port}", "secret": http_secret,
+        "http": {"addr": f"{addr}:{port}", "secret": http_secret, **http_extra,
                  "headers": {"X-Content-Type-Options": ["nosniff"]},
                  "tls": {"certificate": cert_path, "key": key_path}},
         "health": {"storagedriver": {"enabled": True, "interval": "10s", "threshold": 3}},
@@ -320,6 +326,8 @@ def _config_for(ctx) -> dict:
                          rgw_url=_rgw_url(ctx), container=_p(ctx, "container", "registry"),
                          rootdirectory=pa["root"], readonly=bool(_p(ctx, "readonly", False)),
                          s3_rootdirectory=_p(ctx, "s3_rootdirectory", "") or "",
+                         draintimeout=DRAIN_TIMEOUT if (_p(ctx, "lb_host", "") or "").strip() else "",
+                         s3_redirect=bool(_p(ctx, "s3_redirect", False)),
                          **{k: v for k, v in credentials(ctx).items() if k != "placeholder"})
 
 
@@ -793,6 +801,9 @@ def wait_ready(ctx, timeout: float = READY_TIMEOUT, healthy: bool = False):
 def deploy(ctx):
     """All steps in order (deploy.ipynb, tests)."""
     out = [preflight(ctx), install(ctx), bucket(ctx), htpasswd(ctx), configure(ctx), start(ctx)]
+    if (_p(ctx, "lb_host", "") or "").strip():
+        from . import lb
+        out += lb.deploy(ctx)
     return out
 
 
@@ -840,10 +851,19 @@ def check(ctx):
             bad.append(f"{host}: {p}")
     facts["storage"] = ctx.storage
     facts["runtime"] = ctx.runtime
+    n_hosts = len(facts) - 2
+    if (_p(ctx, "lb_host", "") or "").strip():
+        from . import lb
+        lb_ok, lb_facts = lb.check(ctx)
+        facts.update(lb_facts)
+        if not lb_ok:
+            bad.append(f"load balancer {ctx.lb_host}: {lb_facts}")
     if bad:
         ctx.verdict(False, "registry not healthy: " + "; ".join(bad),
                            hint="503 with credentials = storage health failing (see 07-faq)", **facts)
-    ctx.verdict(True, f"registry answers with TLS + basic auth on {len(facts) - 2} host(s)", **facts)
+    ctx.verdict(True, f"registry answers with TLS + basic auth on {n_hosts} host(s)"
+                + (f" and through the load balancer {ctx.lb_host}" if (_p(ctx, "lb_host", "") or "").strip() else ""),
+                **facts)
 
 
 # -------------------------------------------------------------------- public names for other sections
