@@ -178,15 +178,17 @@ def _image_tar(kind: str) -> Path:
         return p
 
 
-def _import(prefix: list[str], tar: Path, changes: list[str], tag: str):
+def _import(prefix: list[str], tar: Path, changes: list[str], tag: str, engine: str = "docker"):
     with open(tar, "rb") as f:
-        run(_images.import_argv(prefix + ["docker"], changes, tag), stdin=f, env=CLEAN_ENV,
-            what=f"docker import {tag}")
+        run(_images.import_argv(prefix + [engine], changes, tag), stdin=f, env=CLEAN_ENV,
+            what=f"{engine} import {tag}")
 
 
-def _import_registry(name: str | None):
+def _import_registry(name: str | None, engine: str = "docker"):
     prefix = _hosts.nsenter_argv(name) if name else []
-    _import(prefix, _image_tar("registry"), _images.REGISTRY_CHANGES, REGISTRY_IMAGE)
+    # podman names a short tag localhost/registry:2; the full name is what `registry:2` resolves to
+    _import(prefix, _image_tar("registry"), _images.REGISTRY_CHANGES,
+            REGISTRY_IMAGE if engine == "docker" else f"docker.io/library/{REGISTRY_IMAGE}", engine)
     if name is None:
         _import(prefix, _image_tar("busybox"), _images.BUSYBOX_CHANGES, "busybox:latest")
 
@@ -265,7 +267,8 @@ def add_host(name: str, addr: str, docker: bool = False, *, systemd: bool = True
     """Add a host to the running lab and return its address.  Idempotent for the same arguments.
 
     systemd=True (default): a Debian 12 machine of its own (image "base", or "docker" when
-    docker=True: docker.service with the registry:2 image; role="ceph" for the Ceph packages),
+    docker=True: docker.service with the registry:2 image; role="ceph" for the Ceph packages;
+    role="podman": podman with the registry:2 image and no docker),
     user k8s with the lab key; sudo="nopasswd" (default) or "password" (k8s's sudo then asks
     for a password: `sudo -n true` fails; the password is in LAB_DIR/hosts/NAME/sudo-password).
     systemd=False: a host of the old kind (legacy.py: shared file system, sshd as root, no systemd).
@@ -305,6 +308,8 @@ def add_host(name: str, addr: str, docker: bool = False, *, systemd: bool = True
             if role == "docker":
                 _wait_host_docker(name)
                 _import_registry(name)
+            elif role == "podman":
+                _import_registry(name, engine="podman")
         except Exception:
             with contextlib.suppress(Exception):
                 remove_host(name)

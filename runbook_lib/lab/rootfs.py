@@ -3,6 +3,7 @@
     base    systemd, sshd, sudo, python3, curl, ... (a minimal Debian 12 server)
     ceph    base + ceph-mon ceph-osd ceph-mgr ceph-common (NOT radosgw: 01-rgw installs it)
     docker  base + docker.io (vfs storage, no iptables/bridge), docker.service enabled
+    podman  base + podman (vfs storage) and NO docker: the RHEL/Rocky-style registry host
 
 The mirror is whatever this machine's own apt uses (/etc/apt/sources.list.d/debian.sources, read
 at run time); packages come through the lab's apt proxy, so a host's later `apt-get install` of
@@ -33,7 +34,13 @@ ROLE_PACKAGES = {
     "base": BASE_PACKAGES,
     "ceph": BASE_PACKAGES + ["ceph-mon", "ceph-osd", "ceph-mgr", "ceph-common"],
     "docker": BASE_PACKAGES + ["docker.io"],
+    # Debian's podman 4.3 with what a server install brings (conmon, crun, netavark through
+    # containers-common): no docker at all, as on RHEL/Rocky/Alma hosts.
+    "podman": BASE_PACKAGES + ["podman", "crun", "netavark", "aardvark-dns", "catatonit", "uidmap"],
 }
+# overlay over the host's own overlay root is refused by the kernel: vfs, as docker's daemon.json
+PODMAN_STORAGE_CONF = '[storage]\ndriver = "vfs"\nrunroot = "/run/containers/storage"\ngraphroot = "/var/lib/containers/storage"\n'
+
 DOCKER_DAEMON_JSON = {"storage-driver": "vfs", "iptables": False, "ip-forward": False, "ip-masq": False,
                       "bridge": "none"}
 
@@ -100,6 +107,7 @@ def image_key(role: str) -> str:
     h = hashlib.sha256(json.dumps({"packages": ROLE_PACKAGES[role], "recipe": RECIPE_VERSION,
                                    "sources": mirror_sources(), "masked": MASKED_UNITS,
                                    "daemon.json": DOCKER_DAEMON_JSON if role == "docker" else None,
+                                   "storage.conf": PODMAN_STORAGE_CONF if role == "podman" else None,
                                    "suite": codename()}, sort_keys=True).encode())
     return f"{role}-{h.hexdigest()[:12]}"
 
@@ -204,6 +212,9 @@ def _finish(role: str, r: Path):
         want = etc / "systemd/system/multi-user.target.wants/docker.service"
         if not want.exists():
             run(["chroot", str(r), "systemctl", "enable", "docker.service"], what="enable docker")
+    if role == "podman":
+        (etc / "containers").mkdir(exist_ok=True)
+        (etc / "containers" / "storage.conf").write_text(PODMAN_STORAGE_CONF)
     for f in (r / "var/cache/apt/archives").glob("*.deb"):
         f.unlink()
     (r / ".lab-image").write_text(json.dumps({"role": role, "packages": ROLE_PACKAGES[role],
