@@ -487,6 +487,17 @@ def test_add_a_docker_host(lab, extra_host):
     assert lab.status()["hosts"][name]["ok"]
 
 
+def test_add_a_podman_host(lab, extra_host):
+    """role=podman: the RHEL-style registry host of #18, podman with the registry image and no docker."""
+    name, addr = "labtest-podman", "198.18.0.247"
+    extra_host(name, addr, role="podman")
+    r = ssh(lab, addr, "sudo podman images --format '{{.Repository}}:{{.Tag}}'; "
+                       "sudo podman info --format '{{.Store.GraphDriverName}}'; command -v docker || echo no-docker")
+    out = r.stdout.split()
+    assert "docker.io/library/registry:2" in out and "vfs" in out and out[-1] == "no-docker", r.stdout
+    assert lab.status()["hosts"][name]["ok"]
+
+
 def test_a_legacy_host_still_works(lab, extra_host):
     """systemd=False: the old kind of host (namespaces on the control node's file system, sshd as
     root, no systemd, its own dockerd when docker=True) for the runbook's no-systemd path."""

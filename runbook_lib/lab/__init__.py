@@ -597,17 +597,19 @@ def _check_host(name: str, meta: dict) -> dict:
             except LabError as e:
                 r["ceph_health"] = str(e)[-300:]
         ok = ok and r["ceph_health"] == "HEALTH_OK"
-    if meta.get("docker"):
-        r["docker"] = r["registry_image"] = False
+    engine = "docker" if meta.get("docker") else "podman" if meta.get("role") == "podman" else None
+    if engine:
+        r[engine] = r["registry_image"] = False
         if r["running"]:
             try:
-                cp = host_exec(name, ["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+                cp = host_exec(name, [engine, "images", "--format", "{{.Repository}}:{{.Tag}}"],
                                check=False, timeout=20)
-                r["docker"] = cp.returncode == 0
-                r["registry_image"] = REGISTRY_IMAGE in cp.stdout.split()
+                r[engine] = cp.returncode == 0
+                r["registry_image"] = bool({REGISTRY_IMAGE, f"docker.io/library/{REGISTRY_IMAGE}"}
+                                           & set(cp.stdout.split()))
             except LabError as e:
-                r["docker_error"] = str(e)[-300:]
-        ok = ok and r["docker"] and r["registry_image"]
+                r[f"{engine}_error"] = str(e)[-300:]
+        ok = ok and r[engine] and r["registry_image"]
     r["ok"] = bool(ok)
     return r
 
@@ -793,8 +795,9 @@ def _format_status(st: dict) -> str:
         parts.append("legacy (no systemd)" if h.get("legacy") else f"systemd {h.get('systemd')}")
         if "ceph_health" in h:
             parts.append(f"ceph {h['ceph_health']}")
-        if "docker" in h:
-            parts.append(f"docker {yn(h['docker'])}  {REGISTRY_IMAGE} {yn(h['registry_image'])}")
+        for engine in ("docker", "podman"):
+            if engine in h:
+                parts.append(f"{engine} {yn(h[engine])}  {REGISTRY_IMAGE} {yn(h['registry_image'])}")
         if not h["running"]:
             parts.append("(not running)")
         elif h.get("ssh_error"):
