@@ -666,8 +666,9 @@ def _problems(st: dict) -> list[str]:
             out.append(f"{n} ssh: {h.get('ssh_error') or h.get('hostname')}")
         if "ceph_health" in h and h["ceph_health"] != "HEALTH_OK":
             out.append(f"{n} ceph: {h['ceph_health']}")
-        if "docker" in h and not (h["docker"] and h["registry_image"]):
-            out.append(f"{n} docker: {'no ' + REGISTRY_IMAGE if h['docker'] else 'not answering'}")
+        for engine in ("docker", "podman"):
+            if engine in h and not (h[engine] and h["registry_image"]):
+                out.append(f"{n} {engine}: {'no ' + REGISTRY_IMAGE if h[engine] else 'not answering'}")
     c = st["control"]
     if not c["ok"]:
         out.append("control: " + ", ".join(k for k in ("bridge", "docker", "apt_proxy") if not c[k]) + " down")
@@ -678,15 +679,24 @@ def _settled_status(grace: float = 10.0) -> dict:
     """status(), but when everything runs and only Ceph is not HEALTH_OK (a pool being created by a
     notebook peers for a second), give Ceph `grace` seconds to settle before calling it unhealthy."""
     st = status()
-    only_ceph = not st["ok"] and all(p.split(" ", 2)[1] == "ceph:" for p in _problems(st))
+    only_ceph = not _base_ok(st) and all(p.split(" ", 2)[1] == "ceph:" for p in _problems(_base(st)))
     if only_ceph:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             time.sleep(1)
             st = status()
-            if st["ok"]:
+            if _base_ok(st):
                 break
     return st
+
+
+def _base(st: dict) -> dict:
+    """status() of the lab itself: the fixed hosts and the control node, without added hosts."""
+    return dict(st, hosts={n: h for n, h in st["hosts"].items() if n in HOSTS})
+
+
+def _base_ok(st: dict) -> bool:
+    return not _problems(_base(st)) and all(n in st["hosts"] for n in HOSTS)
 
 
 def _looks_up() -> bool:
@@ -706,10 +716,14 @@ def up() -> dict:
         if _looks_up():
             with _step("check running lab"):
                 st = _settled_status()
-            if st["ok"]:
-                _log(f"lab already up and healthy; nothing changed ({time.monotonic() - t0:.2f} s)")
+            if _base_ok(st):
+                # an added host in a bad state is its owner's business (add_host replaces a dead
+                # one): rebuilding the lab for it would kill every other added host with it
+                extra = _problems(st)
+                _log(f"lab already up and healthy; nothing changed ({time.monotonic() - t0:.2f} s)"
+                     + (f"; added hosts not healthy, left as they are: {'; '.join(extra)}" if extra else ""))
                 return st
-            _log("lab is not healthy (" + "; ".join(_problems(st)) + "): rebuilding it")
+            _log("lab is not healthy (" + "; ".join(_problems(_base(st))) + "): rebuilding it")
         with _step("clear earlier lab"):
             _teardown()
         with _step("ssh keys"):
