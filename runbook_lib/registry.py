@@ -22,7 +22,8 @@ runtime=podman, the contract other sections rely on (05-push, 06-operations, 07-
   podman >= 4.4 Quadlet's /etc/containers/systemd/container-registry.container instead (the
   generated unit has the same name).  The unit owns the container: `systemctl stop|start|restart
   container-registry` (a stop removes the container: --new; start creates it again);
-  `journalctl -u container-registry` is its log.
+  `journalctl -u container-registry` is its log; `container_engine(h)` says which engine holds
+  container `registry` on a host.
 
 Everything that can be wrong is checked first (`preflight`): certificates, the port,
 the image, and the RGW credentials — tried from each registry host — so that a bad
@@ -894,6 +895,16 @@ def runtime_problem(runtime: str, found: dict, host: str) -> str | None:
     if runtime == "podman" and not found.get("systemd"):
         return (f"runtime: podman on {host} needs systemd to keep the registry running (podman has no daemon "
                 "that restarts containers) and this host has none; use runtime=docker or runtime=systemd")
+    return None
+
+
+def container_engine(h) -> str | None:
+    """Which engine holds the registry's container `registry` on h: "docker", "podman" or None
+    (a read; for sections that inspect or read the logs of whichever runs it)."""
+    for engine in CONTAINER_RUNTIMES:
+        if h.test(cmd("command -v " + engine + " >/dev/null 2>&1 && " + engine + " inspect --type container {n} "
+                      ">/dev/null 2>&1", n=CONTAINER_NAME)):
+            return engine
     return None
 
 
