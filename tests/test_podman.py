@@ -254,6 +254,19 @@ def test_second_run_changes_nothing(pod):
 
 
 @pytest.mark.lab
+def test_a_config_change_remakes_the_unit_and_restarts_it(pod):
+    label = lambda: on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry")  # noqa: E731
+    old, old_id = label(), container_id()
+    text, _ = notebook("04-registry", pod.out, **{**pod.deploy, "storage": "filesystem"})
+    assert "VERDICT 04-registry: PASS" in text and "replaced (config changed)" in text, text[-1500:]
+    assert label() != old and container_id() != old_id
+    assert "-v /opt/k8s/registry/data:/var/lib/registry" in on_pod(f"cat {registry.PODMAN_UNIT_PATH}")
+    text, _ = notebook("04-registry", pod.out, **pod.deploy)  # back to swift: the same hash as before
+    assert "VERDICT 04-registry: PASS" in text and "replaced (config changed)" in text, text[-1500:]
+    assert label() == old
+
+
+@pytest.mark.lab
 def test_preflight_refuses_docker_on_the_podman_host(pod):
     before = container_id()
     config = on_pod("sha256sum /opt/k8s/registry/config.yml")
