@@ -976,12 +976,14 @@ def _podman_unit_deployment(ctx, h, hosts) -> Deployment | None:
     if not text:
         return None
     image, mounts = parse_podman_unit(text.decode(errors="replace"))
-    cfg_host = _host_path(mounts, DEFAULT_CONFIG)
+    # the file mounted as the config (registry 3 reads /etc/distribution/config.yml)
+    cfg_in = next((m["Destination"] for m in mounts if m["Destination"].endswith((".yml", ".yaml"))), DEFAULT_CONFIG)
+    cfg_host = _host_path(mounts, cfg_in)
     raw = h.read_file(cfg_host) if cfg_host else None
     cfg = parse_config(raw.decode() if raw else "")
     driver, bucket, root, ro = storage_of(cfg)
     running = h.test(cmd("systemctl is-active --quiet {u}", u=PODMAN_UNIT))
-    return Deployment(hosts, "podman", running, DEFAULT_CONFIG, cfg_host, driver, bucket,
+    return Deployment(hosts, "podman", running, cfg_in, cfg_host, driver, bucket,
                       _host_path(mounts, root) if root else None, root, CONTAINER, image, ro,
                       mounts=mounts, volume_label=_podman_selinux_label(h))
 

@@ -412,11 +412,12 @@ def preflight(ctx) -> dict:
             if name not in OUR_PROCESSES:
                 found.append(f"registry_port: {ctx.registry_port} is in use on {h.name} by {name}"
                              + (f" (pid {pid})" if pid else "") + "; choose another port")
+        have = host_runtimes(h)  # said for every runtime: which engine this host really has
+        _state(ctx).setdefault("runtimes", {})[h.name] = have
+        steps.row(host=h.name, runtimes=describe_runtimes(have),
+                  **({"volumes": "':Z' (SELinux " + have["selinux"] + ")"}
+                     if rt == "podman" and volume_label(have["selinux"]) else {}))
         if rt in CONTAINER_RUNTIMES:
-            have = host_runtimes(h)
-            _state(ctx).setdefault("runtimes", {})[h.name] = have
-            steps.row(host=h.name, runtimes=describe_runtimes(have),
-                      **({"volumes": "':Z' (SELinux " + have["selinux"] + ")"} if volume_label(have["selinux"]) else {}))
             bad = runtime_problem(rt, have, h.name)
             if bad:
                 found.append(bad)
@@ -1007,6 +1008,8 @@ def start(ctx):
     def one(h):
         if rt == "docker":
             _stop_other_daemon(h)
+            if h.has_systemd() and h.test(cmd("systemctl is-enabled --quiet {u}", u=PODMAN_UNIT)):
+                h.run(cmd("systemctl disable --now {u}", u=PODMAN_UNIT))  # runtime podman before: its port
             label, running = _docker_state(h)
             if label == digest and running:
                 return {"host": h.name, "state": "running, config unchanged"}
@@ -1019,6 +1022,8 @@ def start(ctx):
             return {"host": h.name, "state": "replaced (config changed)" if label is not None else "created"}
         if rt == "podman":
             _stop_other_daemon(h)
+            if h.test(cmd("command -v docker >/dev/null 2>&1 && docker inspect {n} >/dev/null 2>&1", n=CONTAINER_NAME)):
+                h.run(cmd("docker rm -f {n}", n=CONTAINER_NAME))  # runtime docker before: its port
             return _start_podman(ctx, h, digest)
         # runtime systemd
         if h.test(cmd("docker inspect {n} >/dev/null 2>&1", n=CONTAINER_NAME)):
