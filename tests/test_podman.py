@@ -181,6 +181,8 @@ def pod(tmp_path_factory):
         text, _ = notebook(name, out, **base)
         assert f"VERDICT {name}: PASS" in text, text[-2000:]
     deploy = dict(base, runtime="podman", container=CONTAINER)
+    dry, _ = notebook("04-registry", out, **deploy, dry_run=True)
+    dry_left = on_pod(f"ls {registry.PODMAN_UNIT_PATH} /opt/k8s/registry 2>&1; podman ps -aq | wc -l")
     text, secs = notebook("04-registry", out, **deploy)
     print(f"\n04-registry runtime=podman, first run: {secs:.1f} s")
     from runbook_lib import certs
@@ -189,7 +191,7 @@ def pod(tmp_path_factory):
     s = requests.Session()
     s.trust_env, s.verify = False, certs.ca_path(ctx)
     s.auth = (ctx.registry_user, ctx.secret("registry_password", generate=False, user=ctx.registry_user))
-    yield SimpleNamespace(first=text, out=out, base=base, deploy=deploy, ctx=ctx, s=s)
+    yield SimpleNamespace(first=text, dry=dry, dry_left=dry_left, out=out, base=base, deploy=deploy, ctx=ctx, s=s)
     ctx.close()
     on_pod(RESET, check=False)
     purge()
@@ -241,6 +243,15 @@ def test_deploys_on_a_host_with_podman_and_no_docker(pod):
     assert "for podman >= 4.4" in pod.first and "ContainerName=registry" in pod.first  # Quadlet shown, not written
     assert on_pod(f"test -e {registry.QUADLET_PATH} && echo written || echo absent") == "absent"
     assert "****" in pod.first and pod.s.auth[1] not in pod.first
+
+
+@pytest.mark.lab
+def test_dry_run_shows_the_plan_and_changes_nothing(pod):
+    assert "VERDICT 04-registry: DRY-RUN" in pod.dry, pod.dry[-1500:]
+    for planned in ("podman create --name registry", "podman generate systemd --new", f"write {registry.PODMAN_UNIT_PATH}",
+                    f"systemctl enable {registry.PODMAN_UNIT}"):
+        assert planned in pod.dry, planned
+    assert pod.dry_left.count("No such file or directory") == 2 and pod.dry_left.endswith("0"), pod.dry_left
 
 
 @pytest.mark.lab
