@@ -4,8 +4,9 @@ As in the document: an htpasswd file (bcrypt), a `config.yml` (the document's, w
 `log.formatter` spelled right), and `docker run ... registry:2` on every registry host
 with `/opt/k8s/registry/{auth,certs,config.yml}` mounted.  Or (runtime=systemd) Debian's
 `docker-registry` package as a service.  Or (runtime=podman, hosts with podman and no docker:
-RHEL/Rocky/Alma 8+) the same container run by podman and kept by a systemd unit.  Storage: Swift against RGW auth v1 (the
-document's), S3 against RGW (the only RGW path in registry 3), or the local filesystem.
+RHEL/Rocky/Alma 8+) the same container run by podman and kept by a systemd unit.  Storage: Swift
+against RGW auth v1 (the document's), S3 against RGW (the only RGW path in registry 3), or the
+local filesystem.
 
 runtime=podman, the contract other sections rely on (05-push, 06-operations, 07-faq):
 - container name `registry` (CONTAINER_NAME, as with docker); `podman inspect registry` /
@@ -705,7 +706,8 @@ def mounts(remote_dir: str, storage: str, registry_version: int = 2) -> list[tup
     """(host path, container path) of every bind mount: the document's three, plus the data
     directory for storage=filesystem (it survives the container being replaced)."""
     rd = remote_dir
-    m = [(f"{rd}/auth", "/auth"), (f"{rd}/certs", "/certs"), (f"{rd}/config.yml", container_config_path(registry_version))]
+    m = [(f"{rd}/auth", "/auth"), (f"{rd}/certs", "/certs"),
+         (f"{rd}/config.yml", container_config_path(registry_version))]
     if storage == "filesystem":
         m.append((f"{rd}/data", "/var/lib/registry"))
     return m

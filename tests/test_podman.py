@@ -104,7 +104,8 @@ def test_preflight_accepts_the_runtime_the_host_has():
     assert registry.runtime_problem("podman", PODMAN_HOST, "h1") is None
     assert registry.runtime_problem("docker", DOCKER_HOST, "h1") is None
     assert registry.runtime_problem("systemd", PODMAN_HOST, "h1") is None  # checked elsewhere
-    assert registry.describe_runtimes({**PODMAN_HOST, "selinux": "Enforcing"}) == "podman 4.3.1, systemd, SELinux Enforcing"
+    assert registry.describe_runtimes({**PODMAN_HOST, "selinux": "Enforcing"}) \
+        == "podman 4.3.1, systemd, SELinux Enforcing"
 
 
 def test_runtime_parameter_takes_podman():
@@ -201,6 +202,11 @@ def container_id() -> str:
     return on_pod("podman inspect --format '{{.Id}}' registry")
 
 
+def label() -> str:
+    """The config hash label of the running container."""
+    return on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry")
+
+
 def push(s, repo: str, tag: str, size: int) -> tuple[str, str]:
     """An OCI image of one random layer (size bytes) and a config, over the API -> (manifest, layer digest)."""
     import sys
@@ -210,8 +216,8 @@ def push(s, repo: str, tag: str, size: int) -> tuple[str, str]:
     cfg = json.dumps({"architecture": "amd64", "os": "linux", "tag": tag, "rootfs": {"type": "layers",
                                                                                   "diff_ids": []}}).encode()
     c = R.blob_upload(s, URL, repo, cfg)
-    man = json.dumps({"schemaVersion": 2, "mediaType": MT,
-                      "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c, "size": len(cfg)},
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c, "size": len(cfg)}
+    man = json.dumps({"schemaVersion": 2, "mediaType": MT, "config": config,
                       "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer,
                                   "size": size}]}).encode()
     return R.put_manifest(s, URL, repo, tag, man, MT), layer
@@ -236,9 +242,9 @@ def test_deploys_on_a_host_with_podman_and_no_docker(pod):
     assert on_pod("command -v docker || echo none") == "none"
     assert on_pod(f"systemctl is-enabled {registry.PODMAN_UNIT}; systemctl is-active {registry.PODMAN_UNIT}") \
         == "enabled\nactive"
-    label = on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry")
+    hash_label = label()
     unit = on_pod(f"cat {registry.PODMAN_UNIT_PATH}")
-    assert len(label) == 64 and f"--label {registry.LABEL}={label}" in unit and "--privileged" not in unit
+    assert len(hash_label) == 64 and f"--label {registry.LABEL}={hash_label}" in unit and "--privileged" not in unit
     assert "-v /opt/k8s/registry/config.yml:/etc/docker/registry/config.yml" in unit and "--network host" in unit
     assert "for podman >= 4.4" in pod.first and "ContainerName=registry" in pod.first  # Quadlet shown, not written
     assert on_pod(f"test -e {registry.QUADLET_PATH} && echo written || echo absent") == "absent"
@@ -248,8 +254,8 @@ def test_deploys_on_a_host_with_podman_and_no_docker(pod):
 @pytest.mark.lab
 def test_dry_run_shows_the_plan_and_changes_nothing(pod):
     assert "VERDICT 04-registry: DRY-RUN" in pod.dry, pod.dry[-1500:]
-    for planned in ("podman create --name registry", "podman generate systemd --new", f"write {registry.PODMAN_UNIT_PATH}",
-                    f"systemctl enable {registry.PODMAN_UNIT}"):
+    for planned in ("podman create --name registry", "podman generate systemd --new",
+                    f"write {registry.PODMAN_UNIT_PATH}", f"systemctl enable {registry.PODMAN_UNIT}"):
         assert planned in pod.dry, planned
     assert pod.dry_left.count("No such file or directory") == 2 and pod.dry_left.endswith("0"), pod.dry_left
 
@@ -266,7 +272,6 @@ def test_second_run_changes_nothing(pod):
 
 @pytest.mark.lab
 def test_a_config_change_remakes_the_unit_and_restarts_it(pod):
-    label = lambda: on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry")  # noqa: E731
     old, old_id = label(), container_id()
     text, _ = notebook("04-registry", pod.out, **{**pod.deploy, "storage": "filesystem"})
     assert "VERDICT 04-registry: PASS" in text and "replaced (config changed)" in text, text[-1500:]
@@ -300,7 +305,7 @@ def test_docker_on_the_control_node_pushes_and_pulls(pod):
 def test_reboot_brings_the_registry_back_by_its_unit(pod):
     from runbook_lib import lab as L
     digest, _ = push(pod.s, "pod/boot", "v1", 64 << 10)
-    label = on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry")
+    old = label()
     before = container_id()
     t0 = time.monotonic()
     L.reboot(NAME)
@@ -320,7 +325,7 @@ def test_reboot_brings_the_registry_back_by_its_unit(pod):
     assert code == 200, f"registry not back within 90 s of the boot (last {code})"
     assert on_pod(f"systemctl is-active {registry.PODMAN_UNIT}") == "active"
     assert container_id() != before  # made again by the unit at boot (--new), not a survivor
-    assert on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry") == label
+    assert label() == old
     assert pulls_whole(pod.s, "pod/boot", "v1", digest)
     text, _ = notebook("04-registry", pod.out, **pod.deploy)  # after the reboot too: nothing to change
     assert "running, config unchanged" in text and "VERDICT 04-registry: PASS" in text, text[-1500:]
