@@ -24,7 +24,8 @@ runtime=podman, the contract other sections rely on (05-push, 06-operations, 07-
   generated unit has the same name).  The unit owns the container: `systemctl stop|start|restart
   container-registry` (a stop removes the container: --new; start creates it again);
   `journalctl -u container-registry` is its log; `container_engine(h)` says which engine holds
-  container `registry` on a host.
+  container `registry` on a host; `selinux_mount_problem(getenforce, volumes)` names the
+  document's 503 cause under podman (SELinux on, a mount without :Z) with its fix.
 
 Everything that can be wrong is checked first (`preflight`): certificates, the port,
 the image, and the RGW credentials — tried from each registry host — so that a bad
@@ -909,6 +910,23 @@ def container_engine(h) -> str | None:
                       ">/dev/null 2>&1", n=CONTAINER_NAME)):
             return engine
     return None
+
+
+def selinux_mount_problem(getenforce: str | None, volumes: list[str]) -> str | None:
+    """The document's 503 under podman: SELinux on (getenforce) and a bind mount of the registry
+    without a relabel option (:Z or :z), so the container may not read its config, certificates or
+    htpasswd.  volumes: the `-v` values of the container (from its unit's ExecStart or its create
+    command).  -> the cause and the fix, or None.  (For 07-faq; pure.)"""
+    if not volume_label(getenforce):
+        return None
+    bare = [v for v in volumes if not {"Z", "z"} & set(",".join(v.split(":")[2:]).split(","))]
+    if not bare:
+        return None
+    mode = getenforce.strip().splitlines()[-1].strip()
+    return (f"SELinux is {mode} and the registry's mounts {', '.join(bare)} carry no volume label: the "
+            "container is denied its files (the document's 503, which it fixed with --privileged). Fix: the "
+            ":Z label on each mount (04-registry runtime=podman adds it where getenforce says Enforcing or "
+            "Permissive), not --privileged")
 
 
 def podman_state(h) -> tuple[str | None, bool]:

@@ -59,6 +59,15 @@ def test_selinux_decides_the_volume_label(getenforce, label):
     assert registry.volume_label(getenforce) == label
 
 
+def test_selinux_mount_problem_names_the_unlabelled_mounts():
+    vols = ["/opt/k8s/registry/auth:/auth", "/opt/k8s/registry/certs:/certs:Z", "/x:/y:ro,z"]
+    p = registry.selinux_mount_problem("Enforcing", vols)
+    assert p and "/opt/k8s/registry/auth:/auth" in p and "/certs" not in p and "/x:/y" not in p and ":Z" in p
+    assert registry.selinux_mount_problem("Disabled", vols) is None
+    assert registry.selinux_mount_problem(None, vols) is None
+    assert registry.selinux_mount_problem("Enforcing", vols[1:]) is None
+
+
 def test_container_and_quadlet_carry_the_label_not_privileged():
     ctx = _ctx()
     argv = registry.podman_create_argv(ctx, "d" * 64, ":Z")
