@@ -24,7 +24,8 @@ runtime=podman, the contract other sections rely on (05-push, 06-operations, 07-
   generated unit has the same name).  The unit owns the container: `systemctl stop|start|restart
   container-registry` (a stop removes the container: --new; start creates it again);
   `journalctl -u container-registry` is its log; `container_engine(h)` says which engine holds
-  container `registry` on a host; `selinux_mount_problem(getenforce, volumes)` names the
+  container `registry` on a host; `podman_unit_volumes(h)` are its unit's -v values (with
+  options); `selinux_mount_problem(getenforce, volumes)` names the
   document's 503 cause under podman (SELinux on, a mount without :Z) with its fix.
 
 Everything that can be wrong is checked first (`preflight`): certificates, the port,
@@ -910,6 +911,29 @@ def container_engine(h) -> str | None:
                       ">/dev/null 2>&1", n=CONTAINER_NAME)):
             return engine
     return None
+
+
+def unit_volumes(text: str) -> list[str]:
+    """The -v values (with their options) of the registry's podman unit: the `podman run` of a unit
+    from `podman generate systemd`, or the Volume= lines of a Quadlet file.  (Pure.)"""
+    import shlex
+    text = text or ""
+    quadlet = [ln.split("=", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Volume=")]
+    if quadlet:
+        return quadlet
+    joined = re.sub(r"\\\n\s*", " ", text)
+    line = next((ln.split("=", 1)[1] for ln in joined.splitlines() if ln.startswith("ExecStart=")), "")
+    words = shlex.split(line) if line else []
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-v", "--volume")]
+
+
+def podman_unit_volumes(h) -> list[str]:
+    """unit_volumes of the unit (or Quadlet file) on h; [] when there is none (a read)."""
+    for path in (PODMAN_UNIT_PATH, QUADLET_PATH):
+        raw = h.read_file(path)
+        if raw:
+            return unit_volumes(raw.decode(errors="replace"))
+    return []
 
 
 def selinux_mount_problem(getenforce: str | None, volumes: list[str]) -> str | None:

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
-from helpers import lab_ssh
+from helpers import lab_host, lab_ssh, rgw_answers
 from runbook_lib import operations as ops, params as P, registry
 
 NAME, ADDR, PORT = "pod1", "198.18.0.160", 8000
@@ -138,6 +138,14 @@ ExecStop=/usr/bin/podman stop \\
 """
 
 
+def test_unit_volumes_keep_their_options():
+    assert registry.unit_volumes(UNIT) == ["/opt/k8s/registry/auth:/auth:Z",
+                                           "/opt/k8s/registry/config.yml:/etc/docker/registry/config.yml:Z"]
+    q = registry.render_quadlet(_ctx(), "d" * 64, ":Z")
+    assert registry.unit_volumes(q)[0] == "/opt/k8s/registry/auth:/auth:Z"
+    assert registry.selinux_mount_problem("Enforcing", registry.unit_volumes(UNIT)) is None
+
+
 def test_gc_commands_for_podman():
     image, mounts = ops.parse_podman_unit(UNIT)
     assert image == "docker.io/library/registry:2"
@@ -186,6 +194,9 @@ def pod(tmp_path_factory):
     state.chmod(0o700)
     out = tmp_path_factory.mktemp("pod-nb")
     base = dict(registry_host=ADDR, state_dir=str(state), uid=UID)
+    if not rgw_answers():  # a lab just brought up has no radosgw yet: 01-rgw installs it (idempotent)
+        text, _ = notebook("01-rgw", out, state_dir=str(state))
+        assert "VERDICT 01-rgw: PASS" in text, text[-2000:]
     purge()
     for name in ("02-accounts", "03-certs"):
         text, _ = notebook(name, out, **base)
@@ -255,6 +266,11 @@ def test_deploys_on_a_host_with_podman_and_no_docker(pod):
     unit = on_pod(f"cat {registry.PODMAN_UNIT_PATH}")
     assert len(hash_label) == 64 and f"--label {registry.LABEL}={hash_label}" in unit and "--privileged" not in unit
     assert "-v /opt/k8s/registry/config.yml:/etc/docker/registry/config.yml" in unit and "--network host" in unit
+    h = lab_host(ADDR)
+    assert registry.podman_unit_volumes(h) == ["/opt/k8s/registry/auth:/auth", "/opt/k8s/registry/certs:/certs",
+                                               "/opt/k8s/registry/config.yml:/etc/docker/registry/config.yml"]
+    assert registry.container_engine(h) == "podman"
+    h.close()
     assert "for podman >= 4.4" in pod.first and "ContainerName=registry" in pod.first  # Quadlet shown, not written
     assert on_pod(f"test -e {registry.QUADLET_PATH} && echo written || echo absent") == "absent"
     assert "****" in pod.first and pod.s.auth[1] not in pod.first
