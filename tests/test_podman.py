@@ -216,6 +216,8 @@ def pod(tmp_path_factory):
     ctx.close()
     on_pod(RESET, check=False)
     purge()
+    import shutil
+    shutil.rmtree(f"/etc/docker/certs.d/{ADDR}:{PORT}", ignore_errors=True)  # 05-push's CA trust on this node
 
 
 def container_id() -> str:
