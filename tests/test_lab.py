@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import pathlib
 import subprocess
 import sys
 import time
@@ -521,6 +522,16 @@ def test_add_a_podman_host(lab, extra_host):
     out = r.stdout.split()
     assert "docker.io/library/registry:2" in out and "vfs" in out and out[-1] == "no-docker", r.stdout
     assert lab.status()["hosts"][name]["ok"]
+
+
+def test_images_under_running_hosts_are_known_in_use(lab):
+    """A rebuild of a role's image (its package list changed) deletes the role's other versions,
+    but never one a host runs on: it is that host's root file system."""
+    from runbook_lib.lab import rootfs
+    used = rootfs.images_in_use()
+    for n in lab.HOSTS:
+        image = pathlib.Path(lab._hosts.meta(n)["image"])
+        assert image.name in used and (image / ".lab-image").exists()
 
 
 def test_a_legacy_host_still_works(lab, extra_host):

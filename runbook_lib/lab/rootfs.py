@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from .proc import CONTROL_ADDR, PROXY_PORT, ROOTFS_DIR, SSH_USER, LabError, log, run
+from .proc import CONTROL_ADDR, HOSTS_DIR, PROXY_PORT, ROOTFS_DIR, SSH_USER, LabError, log, run
 
 RECIPE_VERSION = 3
 SOURCES_FILE = Path("/etc/apt/sources.list.d/debian.sources")
@@ -104,11 +104,12 @@ def proxy_line() -> str:
 
 
 def image_key(role: str) -> str:
-    h = hashlib.sha256(json.dumps({"packages": ROLE_PACKAGES[role], "recipe": RECIPE_VERSION,
-                                   "sources": mirror_sources(), "masked": MASKED_UNITS,
-                                   "daemon.json": DOCKER_DAEMON_JSON if role == "docker" else None,
-                                   "storage.conf": PODMAN_STORAGE_CONF if role == "podman" else None,
-                                   "suite": codename()}, sort_keys=True).encode())
+    key = {"packages": ROLE_PACKAGES[role], "recipe": RECIPE_VERSION, "sources": mirror_sources(),
+           "masked": MASKED_UNITS, "daemon.json": DOCKER_DAEMON_JSON if role == "docker" else None,
+           "suite": codename()}
+    if role == "podman":  # only there: the other roles keep the keys (and cached images) they had
+        key["storage.conf"] = PODMAN_STORAGE_CONF
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     return f"{role}-{h.hexdigest()[:12]}"
 
 
@@ -132,8 +133,10 @@ def ensure_image(role: str) -> Path:
         if (d / ".lab-image").exists():
             return d
         ROOTFS_DIR.mkdir(parents=True, exist_ok=True)
+        in_use = images_in_use()
         for old in ROOTFS_DIR.glob(f"{role}-*"):   # other versions of this role, half-built ones
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name not in in_use:  # never under a running host: it is that host's root
+                shutil.rmtree(old, ignore_errors=True)
         tmp = ROOTFS_DIR / f".build-{d.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         t = time.monotonic()
@@ -145,6 +148,19 @@ def ensure_image(role: str) -> Path:
             raise
         log(f"  image {d.name} built in {time.monotonic() - t:.1f} s")
         return d
+
+
+def images_in_use() -> set[str]:
+    """Names of the images some host's overlay is built on (its host.json says which)."""
+    out = set()
+    for meta in HOSTS_DIR.glob("*/host.json"):
+        try:
+            image = json.loads(meta.read_text()).get("image")
+        except (OSError, ValueError):
+            continue
+        if image:
+            out.add(Path(image).name)
+    return out
 
 
 def ensure_images(roles) -> dict[str, Path]:
