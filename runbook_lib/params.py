@@ -27,7 +27,7 @@ OPTIONAL_HOSTS = {"ceph_admin_host", "client_host", "lb_host"}  # client_host ""
 CHOICES = {
     "method": ("packages", "ceph-deploy", "cephadm", "existing"),
     "storage": ("swift", "s3", "filesystem"),
-    "runtime": ("docker", "systemd"),
+    "runtime": ("docker", "podman", "systemd"),  # podman: RHEL/Rocky/Alma 8+, no docker
     "client": ("docker", "podman", "skopeo"),
     "access": ("read", "write", "readwrite", "full"),
     "gc_mode": ("readonly", "stop"),

@@ -3,8 +3,26 @@
 As in the document: an htpasswd file (bcrypt), a `config.yml` (the document's, with
 `log.formatter` spelled right), and `docker run ... registry:2` on every registry host
 with `/opt/k8s/registry/{auth,certs,config.yml}` mounted.  Or (runtime=systemd) Debian's
-`docker-registry` package as a service.  Storage: Swift against RGW auth v1 (the
+`docker-registry` package as a service.  Or (runtime=podman, hosts with podman and no docker:
+RHEL/Rocky/Alma 8+) the same container run by podman and kept by a systemd unit.  Storage: Swift against RGW auth v1 (the
 document's), S3 against RGW (the only RGW path in registry 3), or the local filesystem.
+
+runtime=podman, the contract other sections rely on (05-push, 06-operations, 07-faq):
+- container name `registry` (CONTAINER_NAME, as with docker); `podman inspect registry` /
+  `podman logs registry` read it; `podman_state(h)` -> (config hash label, running).
+- the same mounts as docker's (`mounts()`): remote_dir (/opt/k8s/registry) auth/ -> /auth,
+  certs/ -> /certs, config.yml -> /etc/docker/registry/config.yml (registry 3: /etc/distribution),
+  data/ -> /var/lib/registry for storage=filesystem; each with `:Z` where SELinux is on
+  (`volume_label()`), never `--privileged`.  Host networking; the image fully qualified
+  (`full_image("registry:2")` = docker.io/library/registry:2, docker's own resolution).
+- label `runbook.config-sha256` (LABEL) = `config_hash(ctx)`: the unit is regenerated and
+  restarted only when it changes.
+- unit `container-registry.service` (PODMAN_UNIT), from `podman generate systemd --new --name
+  registry --restart-policy=always` (podman < 4.4) in /etc/systemd/system, enabled; with
+  podman >= 4.4 Quadlet's /etc/containers/systemd/container-registry.container instead (the
+  generated unit has the same name).  The unit owns the container: `systemctl stop|start|restart
+  container-registry` (a stop removes the container: --new; start creates it again);
+  `journalctl -u container-registry` is its log.
 
 Everything that can be wrong is checked first (`preflight`): certificates, the port,
 the image, and the RGW credentials — tried from each registry host — so that a bad
@@ -22,7 +40,7 @@ import yaml
 
 from . import certs, journal, masking, packages, params as P, steps
 from .errors import ParameterError, RunbookError
-from .host import cmd
+from .host import Command, cmd
 from .journal import Result
 from .steps import step
 
@@ -38,6 +56,12 @@ LOGFILE = "/var/log/docker-registry.log"
 UNIT_PATH = "/etc/systemd/system/docker-registry.service"
 OUR_PROCESSES = ("registry", "docker-registry")  # what may hold registry_port already
 READY_TIMEOUT = 30.0
+CONTAINER_RUNTIMES = ("docker", "podman")  # the registry runs as the image, config etc. bind-mounted
+PODMAN_UNIT = "container-registry.service"  # podman generate systemd's name for container `registry`
+PODMAN_UNIT_PATH = f"/etc/systemd/system/{PODMAN_UNIT}"
+# Quadlet names the unit after the file: this file gives the same container-registry.service
+QUADLET_PATH = "/etc/containers/systemd/container-registry.container"
+QUADLET_MIN = (4, 4)  # first podman with Quadlet (podman generate systemd is deprecated from 4.7)
 DRAIN_TIMEOUT = "10s"  # http.draintimeout with a load balancer (06's restarts give docker 15 s before SIGKILL)
 
 
@@ -58,7 +82,7 @@ class ConfigError(RegistryError):
 # -------------------------------------------------------------------- config (pure)
 def paths(runtime: str, remote_dir: str) -> dict:
     """Where the registry process sees its files (in the container, or on the host)."""
-    if runtime == "docker":
+    if runtime in CONTAINER_RUNTIMES:
         return {"htpasswd": "/auth/htpasswd", "cert": "/certs/registry.pem", "key": "/certs/registry-key.pem",
                 "config": "/etc/docker/registry/config.yml", "root": "/var/lib/registry"}
     return {"htpasswd": f"{remote_dir}/auth/htpasswd", "cert": f"{remote_dir}/certs/registry.pem",
@@ -387,16 +411,22 @@ def preflight(ctx) -> dict:
             if name not in OUR_PROCESSES:
                 found.append(f"registry_port: {ctx.registry_port} is in use on {h.name} by {name}"
                              + (f" (pid {pid})" if pid else "") + "; choose another port")
-        if rt == "docker":
-            if not h.test(cmd("docker version --format {f}", f="{{.Server.Version}}")):
-                found.append(f"runtime: docker does not answer on {h.name} (is dockerd running?)")
+        if rt in CONTAINER_RUNTIMES:
+            have = host_runtimes(h)
+            _state(ctx).setdefault("runtimes", {})[h.name] = have
+            steps.row(host=h.name, runtimes=describe_runtimes(have),
+                      **({"volumes": "':Z' (SELinux " + have["selinux"] + ")"} if volume_label(have["selinux"]) else {}))
+            bad = runtime_problem(rt, have, h.name)
+            if bad:
+                found.append(bad)
             else:
-                r = h.run(cmd("docker image inspect --format {f} {i}", f="{{json .Config.Env}}", i=ctx.image),
+                image = ctx.image if rt == "docker" else full_image(ctx.image)
+                r = h.run(cmd(rt + " image inspect --format {f} {i}", f="{{json .Config.Env}}", i=image),
                           read=True, check=False)
                 if r.exit_code != 0:
-                    steps.row(host=h.name, image=f"{ctx.image} not present: docker run will pull it")
+                    steps.row(host=h.name, image=f"{image} not present: {rt} run will pull it")
                 elif "AWS_CA_BUNDLE" in r.stdout and storage == "s3":
-                    found.append(f"image: {ctx.image} sets AWS_CA_BUNDLE, which makes the s3 driver panic")
+                    found.append(f"image: {image} sets AWS_CA_BUNDLE, which makes the s3 driver panic")
         elif not h.test(cmd("test -x {b}", b=SYSTEMD_BIN)) and not h.has_systemd():
             found.append(f"runtime: {SYSTEMD_BIN} is missing on {h.name} and it has no systemd/apt to install "
                          "the docker-registry package")
@@ -587,7 +617,7 @@ def _files(ctx) -> dict:
         cert, key = b"<certificate from 03-certs>", b"<key from 03-certs>"
     else:
         cert, key = certs.load_server(ctx)
-    cfg_path = f"{rd}/config.yml" if rt == "docker" else SYSTEMD_CONFIG
+    cfg_path = f"{rd}/config.yml" if rt in CONTAINER_RUNTIMES else SYSTEMD_CONFIG
     return {f"{rd}/certs/registry.pem": (cert, 0o644), f"{rd}/certs/registry-key.pem": (key, 0o600),
             cfg_path: (to_yaml(cfg).encode(), 0o600)}
 
@@ -605,7 +635,8 @@ def config_hash(ctx) -> str:
 def install(ctx):
     """runtime=systemd: Debian's docker-registry package (binary, user and group docker-registry,
     its unit).  Installing it starts its unit with the package's default config (port 5000);
-    04 replaces the config and restarts it.  runtime=docker: nothing to install."""
+    04 replaces the config and restarts it.  runtime=docker/podman: nothing to install (pre-flight
+    refused a host without the engine, naming its package)."""
     if ctx.runtime != "systemd":
         steps.note(f"runtime={ctx.runtime}: the registry comes as the image {ctx.image}")
         return None
@@ -628,7 +659,7 @@ def configure(ctx):
     def put(h):
         for p, (content, mode) in files.items():
             h.put_file(p, content, mode=_secret_mode(ctx, h) if mode == 0o600 else mode, secret=mode == 0o600)
-        if ctx.storage == "filesystem" and ctx.runtime == "docker":
+        if ctx.storage == "filesystem" and ctx.runtime in CONTAINER_RUNTIMES:
             h.run(cmd("test -d {d} || mkdir -p {d}", d=f"{ctx.remote_dir}/data"),
                   changed=not h.exists(f"{ctx.remote_dir}/data"))
     journal.parallel(put, hosts)
@@ -664,31 +695,37 @@ class MaskedConfig:
 def show_config(ctx) -> MaskedConfig:
     """The config.yml that is deployed, masked."""
     cfg = _state(ctx).get("config") or _config_for(ctx)
-    path = f"{ctx.remote_dir}/config.yml" if ctx.runtime == "docker" else SYSTEMD_CONFIG
+    path = f"{ctx.remote_dir}/config.yml" if ctx.runtime in CONTAINER_RUNTIMES else SYSTEMD_CONFIG
     return MaskedConfig(to_yaml(cfg), path)
+
+
+def mounts(remote_dir: str, storage: str, registry_version: int = 2) -> list[tuple[str, str]]:
+    """(host path, container path) of every bind mount: the document's three, plus the data
+    directory for storage=filesystem (it survives the container being replaced)."""
+    rd = remote_dir
+    m = [(f"{rd}/auth", "/auth"), (f"{rd}/certs", "/certs"), (f"{rd}/config.yml", container_config_path(registry_version))]
+    if storage == "filesystem":
+        m.append((f"{rd}/data", "/var/lib/registry"))
+    return m
+
+
+def _mounts(ctx) -> list[tuple[str, str]]:
+    return mounts(ctx.remote_dir, ctx.storage, (getattr(ctx, "params", None) or {}).get("registry_version", 2))
 
 
 def docker_run_argv(ctx, digest: str) -> list[str]:
     """The document's docker run, with --network host (the lab's dockerd runs with
     --bridge=none, where -p is silently ignored) and a label holding the config hash."""
-    rd = ctx.remote_dir
     a = ["docker", "run", "-d", "--name", CONTAINER_NAME, "--restart", "always", "--network", "host",
-         "--label", f"{LABEL}={digest}",
-         "-v", f"{rd}/auth:/auth", "-v", f"{rd}/certs:/certs",
-         "-v", f"{rd}/config.yml:{container_config_path((getattr(ctx, 'params', None) or {}).get('registry_version', 2))}"]
-    if ctx.storage == "filesystem":
-        a += ["-v", f"{rd}/data:/var/lib/registry"]  # survives the container being replaced
+         "--label", f"{LABEL}={digest}"]
+    for src, dst in _mounts(ctx):
+        a += ["-v", f"{src}:{dst}"]
     return a + [ctx.image]
 
 
 def _docker_state(h) -> tuple[str | None, bool]:
     """(config hash label, running) of our container, (None, False) when absent."""
-    r = h.run(cmd("docker inspect --format {f} {n}", f="{{index .Config.Labels \"" + LABEL + "\"}} {{.State.Running}}",
-                  n=CONTAINER_NAME), read=True, check=False)
-    if r.exit_code != 0:
-        return None, False
-    parts = r.stdout.split()
-    return (parts[0] if len(parts) == 2 else ""), parts[-1] == "true"
+    return _container_state(h, "docker")
 
 
 def _daemon_state(h) -> tuple[str | None, bool]:
@@ -711,6 +748,241 @@ def _start_daemon(h, config: str, digest: str):
               "echo {d} > {hf}", inner=inner, log=LOGFILE, d=digest, hf=HASHFILE))
 
 
+# -------------------------------------------------------------------- runtime podman (issue 18)
+def full_image(image: str) -> str:
+    """The image as docker resolves a short name, spelled out: podman (without an alias in
+    registries.conf.d) refuses or asks about short names, and its local store keeps full ones.
+    registry:2 -> docker.io/library/registry:2; prom/x -> docker.io/prom/x; a name whose first
+    component is a host (has '.' or ':', or is localhost) is left as it is."""
+    first, sep, _ = image.partition("/")
+    if not sep:
+        return f"docker.io/library/{image}"
+    if "." in first or ":" in first or first == "localhost":
+        return image
+    return f"docker.io/{image}"
+
+
+def volume_label(getenforce: str | None) -> str:
+    """The volume option for SELinux, from `getenforce`'s output (None/"": no getenforce).
+    Enforcing or Permissive -> ":Z" (a private label for the registry's container: under
+    enforcing it is what lets the container read its mounts, the document's 503, which it
+    "fixed" with --privileged; under permissive the same denials are logged and a later
+    `setenforce 1` would break the registry at once).  Disabled / no SELinux -> ""."""
+    mode = (getenforce or "").strip().splitlines()[-1].strip().lower() if (getenforce or "").strip() else ""
+    return ":Z" if mode in ("enforcing", "permissive") else ""
+
+
+def podman_version(text: str) -> tuple[int, ...] | None:
+    """'4.3.1' -> (4, 3, 1); None when podman did not answer."""
+    m = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return tuple(int(x) for x in m.groups() if x is not None) if m else None
+
+
+def uses_quadlet(version: tuple | None) -> bool:
+    return bool(version) and tuple(version[:2]) >= QUADLET_MIN
+
+
+def podman_volumes(ctx, label: str = "") -> list[str]:
+    """-v values of the registry's podman container (docker's mounts, SELinux label appended)."""
+    return [f"{src}:{dst}{label}" for src, dst in _mounts(ctx)]
+
+
+def podman_create_argv(ctx, digest: str, label: str = "") -> list[str]:
+    """The container `podman generate systemd --new` turns into the unit's ExecStart (`podman run
+    --rm --replace -d ...` of the same arguments).  No --restart: the unit restarts it."""
+    a = ["podman", "create", "--name", CONTAINER_NAME, "--network", "host", "--label", f"{LABEL}={digest}"]
+    for v in podman_volumes(ctx, label):
+        a += ["-v", v]
+    return a + [full_image(ctx.image)]
+
+
+def render_quadlet(ctx, digest: str, label: str = "") -> str:
+    """The same container as a Quadlet file (podman >= 4.4 reads /etc/containers/systemd/*.container
+    at daemon-reload and generates container-registry.service from it; 4.3 ignores the file)."""
+    vols = "".join(f"Volume={v}\n" for v in podman_volumes(ctx, label))
+    return f"""\
+# written by runbook_lib.registry: podman >= 4.4 (Quadlet); podman 4.3 uses podman generate systemd
+[Unit]
+Description=Docker registry (CNCF distribution) in podman, TLS + htpasswd
+Wants=network-online.target
+After=network-online.target
+
+[Container]
+ContainerName={CONTAINER_NAME}
+Image={full_image(ctx.image)}
+Network=host
+Label={LABEL}={digest}
+{vols}
+[Service]
+Restart=always
+
+[Install]
+WantedBy=multi-user.target default.target
+"""
+
+
+def _container_state(h, engine: str) -> tuple[str | None, bool]:
+    """(config hash label, running) of our container under docker or podman; (None, False) when absent."""
+    r = h.run(cmd(engine + " inspect --format {f} {n}",
+                  f="{{index .Config.Labels \"" + LABEL + "\"}} {{.State.Running}}", n=CONTAINER_NAME),
+              read=True, check=False)
+    if r.exit_code != 0:
+        return None, False
+    parts = r.stdout.split()
+    return (parts[0] if len(parts) == 2 else ""), parts[-1] == "true"
+
+
+HOST_TOOLS = ("docker", "podman", "apt-get", "dnf", "yum", "getenforce")
+
+
+def host_runtimes(h) -> dict:
+    """What a host can run the registry with (reads): {"docker": server version or "" (CLI only)
+    or None, "podman": version or None, "systemd": bool, "pkg": apt-get|dnf|yum|None,
+    "selinux": getenforce's answer or None}."""
+    probe = " ".join(f"command -v {t} >/dev/null 2>&1 && echo have-{t};" for t in HOST_TOOLS)
+    have = set(h.run(cmd("sh -c {s}", s=probe), read=True, check=False).stdout.split())
+    out = {"docker": None, "podman": None, "systemd": h.has_systemd(), "selinux": None,
+           "pkg": next((t for t in ("apt-get", "dnf", "yum") if f"have-{t}" in have), None)}
+    if "have-docker" in have:
+        r = h.run(cmd("docker version --format {f}", f="{{.Server.Version}}"), read=True, check=False)
+        out["docker"] = r.stdout.strip() if r.exit_code == 0 else ""
+    if "have-podman" in have:
+        r = h.run(cmd("podman version --format {f}", f="{{.Client.Version}}"), read=True, check=False)
+        out["podman"] = r.stdout.strip() if r.exit_code == 0 else ""
+    if "have-getenforce" in have:
+        out["selinux"] = h.run(Command("getenforce"), read=True, check=False).stdout.strip() or None
+    return out
+
+
+def describe_runtimes(found: dict) -> str:
+    """'docker 20.10.24, systemd' / 'podman 4.3.1, systemd, SELinux Enforcing' (pre-flight's row)."""
+    parts = []
+    if found.get("docker") is not None:
+        parts.append(f"docker {found['docker']}" if found["docker"] else "docker CLI (daemon not answering)")
+    if found.get("podman") is not None:
+        parts.append(f"podman {found['podman'] or '?'}")
+    parts.append("systemd" if found.get("systemd") else "no systemd")
+    if found.get("selinux"):
+        parts.append(f"SELinux {found['selinux']}")
+    return ", ".join(parts) if (found.get("docker") is not None or found.get("podman") is not None) \
+        else "no container engine, " + ", ".join(parts)
+
+
+_INSTALL = {  # the package that brings each runtime, per package manager
+    "docker": {"apt-get": "apt-get install docker.io",
+               "dnf": "dnf install docker-ce (Docker's repository: RHEL 8+ ship podman instead)",
+               "yum": "yum install docker"},
+    "podman": {"apt-get": "apt-get install podman", "dnf": "dnf install podman", "yum": "yum install podman"},
+}
+
+
+def runtime_problem(runtime: str, found: dict, host: str) -> str | None:
+    """Why `runtime` cannot run on this host (from host_runtimes), with the package to install
+    and the runtime it does have; None when it can."""
+    if runtime not in CONTAINER_RUNTIMES:
+        return None
+    other = "podman" if runtime == "docker" else "docker"
+    have = describe_runtimes(found)
+    alt = f" — or use runtime={other}" if found.get(other) else ""
+    if found.get(runtime) is None:
+        pkg = found.get("pkg")
+        how = (_INSTALL[runtime][pkg] if pkg else
+               f"{_INSTALL[runtime]['apt-get']} (Debian/Ubuntu) or {_INSTALL[runtime]['dnf']} (RHEL/Rocky/Alma)")
+        return f"runtime: {runtime} is not installed on {host} (it has: {have}); install it: {how}{alt}"
+    if runtime == "docker" and not found["docker"]:
+        return f"runtime: docker does not answer on {host} (is dockerd running? systemctl start docker){alt}"
+    if runtime == "podman" and not found.get("systemd"):
+        return (f"runtime: podman on {host} needs systemd to keep the registry running (podman has no daemon "
+                "that restarts containers) and this host has none; use runtime=docker or runtime=systemd")
+    return None
+
+
+def podman_state(h) -> tuple[str | None, bool]:
+    """(config hash label, running) of the registry's podman container on h; (None, False) when absent."""
+    return _container_state(h, "podman")
+
+
+def _start_podman(ctx, h, digest: str) -> dict:
+    """The registry as container `registry`, owned by container-registry.service.  Unchanged
+    (unit holds this config hash and these mounts, container running with the same label, unit
+    active and enabled) -> nothing; else the unit is made again and restarted."""
+    found = _state(ctx).get("runtimes", {}).get(h.name) or host_runtimes(h)
+    ver = podman_version(found.get("podman") or "")
+    label = volume_label(found.get("selinux"))
+    quadlet = render_quadlet(ctx, digest, label)
+    cur, running = _container_state(h, "podman")
+    active = h.test(cmd("systemctl is-active --quiet {u}", u=PODMAN_UNIT))
+    if uses_quadlet(ver):
+        changed = h.put_file(QUADLET_PATH, quadlet, mode=0o644).changed
+        if h.exists(PODMAN_UNIT_PATH):  # a unit in /etc/systemd/system would shadow Quadlet's
+            h.run(cmd("systemctl disable {u}; rm -f {p}", u=PODMAN_UNIT, p=PODMAN_UNIT_PATH))
+            changed = True
+        if not changed and cur == digest and running and active:
+            return {"host": h.name, "state": "running, config unchanged (Quadlet)"}
+        h.run(cmd("systemctl daemon-reload && systemctl restart {u}", u=PODMAN_UNIT))
+        return {"host": h.name, "state": "restarted (Quadlet)" if cur is not None else "created (Quadlet)"}
+    _state(ctx).setdefault("quadlet", quadlet)  # shown by show_units: what podman >= 4.4 would use
+    text = (h.read_file(PODMAN_UNIT_PATH) or b"").decode(errors="replace")
+    want = [f"{LABEL}={digest}", full_image(ctx.image), *(f"-v {v}" for v in podman_volumes(ctx, label))]
+    unit_ok = bool(text) and all(w in text for w in want)
+    enabled = h.test(cmd("systemctl is-enabled --quiet {u}", u=PODMAN_UNIT))
+    if unit_ok and cur == digest and running and active:
+        if enabled:
+            return {"host": h.name, "state": "running, config unchanged"}
+        h.run(cmd("systemctl enable {u}", u=PODMAN_UNIT))
+        return {"host": h.name, "state": "running; unit enabled (was not)"}
+    if unit_ok and not active:
+        h.run(cmd("systemctl enable {u} && systemctl start {u}", u=PODMAN_UNIT))
+        return {"host": h.name, "state": "started (unit was stopped)"}
+    # podman generate systemd --new needs the container to exist: create it, generate, remove it;
+    # the unit then creates its own on every start (and removes it on stop)
+    if active:
+        h.run(cmd("systemctl stop {u}", u=PODMAN_UNIT))
+    h.run(cmd("podman rm -f --ignore {n}", n=CONTAINER_NAME), changed=cur is not None)
+    h.run(podman_create_argv(ctx, digest, label))
+    gen = h.run(cmd("podman generate systemd --new --no-header --name {n} --restart-policy=always", n=CONTAINER_NAME),
+                changed=False)
+    h.run(cmd("podman rm {n}", n=CONTAINER_NAME), changed=False)
+    if not gen.skipped:
+        if not gen.stdout.startswith("# " + PODMAN_UNIT):
+            raise RegistryError(f"{h.name}: podman generate systemd did not make {PODMAN_UNIT}: {gen.stdout[:200]!r}")
+        h.put_file(PODMAN_UNIT_PATH, gen.stdout, mode=0o644)
+    h.run(cmd("systemctl daemon-reload && systemctl enable {u} && systemctl restart {u}", u=PODMAN_UNIT))
+    return {"host": h.name, "state": "replaced (config changed)" if cur is not None or text else "created"}
+
+
+class Shown(list):
+    """Several files shown one after the other (a notebook cell's output)."""
+
+    def __repr__(self):
+        return "\n".join(repr(x) for x in self)
+
+    def _repr_html_(self):
+        return "".join(x._repr_html_() for x in self)
+
+
+def show_units(ctx) -> Shown:
+    """runtime=podman: the unit that keeps the registry running, as on the first registry host
+    (podman < 4.4: generated by `podman generate systemd --new`), and the Quadlet file for the
+    same container (written instead where podman >= 4.4, else shown for such hosts)."""
+    if ctx.runtime != "podman":
+        how = {"docker": "docker's --restart always", "systemd": "the docker-registry unit"}[ctx.runtime]
+        return Shown([MaskedConfig(f"runtime={ctx.runtime}: kept running by {how}", "no podman unit")])
+    out = Shown()
+    h = ctx.host(P.as_list(ctx.registry_host)[0])
+    ver = podman_version((_state(ctx).get("runtimes", {}).get(h.name) or {}).get("podman") or "")
+    if not uses_quadlet(ver):
+        unit = h.read_file(PODMAN_UNIT_PATH)
+        if unit:
+            out.append(MaskedConfig(unit.decode(errors="replace"),
+                                    f"{PODMAN_UNIT_PATH} on {h.name} (podman generate systemd --new; podman < 4.4)"))
+    label = volume_label((_state(ctx).get("runtimes", {}).get(h.name) or {}).get("selinux"))
+    q = _state(ctx).get("quadlet") or render_quadlet(ctx, config_hash(ctx), label)
+    out.append(MaskedConfig(q, QUADLET_PATH + (" (written: podman >= 4.4, Quadlet)" if uses_quadlet(ver) else
+                                               " (for podman >= 4.4, Quadlet; not written here)")))
+    return out
+
+
 @step("Start the registry ({ctx.runtime}) on every registry host")
 def start(ctx):
     """Idempotent: same config and running -> ok; config changed -> replaced/restarted."""
@@ -731,9 +1003,14 @@ def start(ctx):
                 h.run(cmd("docker rm -f {n}", n=CONTAINER_NAME))
             h.run(docker_run_argv(ctx, digest))
             return {"host": h.name, "state": "replaced (config changed)" if label is not None else "created"}
+        if rt == "podman":
+            _stop_other_daemon(h)
+            return _start_podman(ctx, h, digest)
         # runtime systemd
         if h.test(cmd("docker inspect {n} >/dev/null 2>&1", n=CONTAINER_NAME)):
             h.run(cmd("docker rm -f {n}", n=CONTAINER_NAME))
+        if h.has_systemd() and h.test(cmd("systemctl is-enabled --quiet {u}", u=PODMAN_UNIT)):
+            h.run(cmd("systemctl disable --now {u}", u=PODMAN_UNIT))  # runtime podman before
         if h.has_systemd():
             return _start_systemd(ctx, h, digest)
         old, running = _daemon_state(h)
@@ -794,7 +1071,8 @@ def wait_ready(ctx, timeout: float = READY_TIMEOUT, healthy: bool = False):
             if time.monotonic() > deadline:
                 raise RegistryError(f"{host}: the registry did not answer on {url(ctx, host)}/v2/ within "
                                     f"{timeout:.0f}s (last: {last})",
-                                    "look at `docker logs registry` (or /var/log/docker-registry.log) on that host")
+                                    "look at `docker logs registry` (podman: `podman logs registry`, "
+                                    f"`journalctl -u {PODMAN_UNIT}`; or /var/log/docker-registry.log) on that host")
             time.sleep(0.2)
 
 
