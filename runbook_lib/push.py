@@ -838,8 +838,10 @@ def _storage(ctx) -> dict:
         return m["storage"]
     h = ctx.host(P.as_list(ctx.params["registry_host"])[0])
     mounts = {}
-    r = h.run(cmd("docker inspect --format {f} registry",
-                  f="{{range .Mounts}}{{.Destination}}={{.Source}}\n{{end}}"), read=True, check=False, timeout=30)
+    fmt = "{{range .Mounts}}{{.Destination}}={{.Source}}\n{{end}}"
+    r = h.run(cmd("docker inspect --format {f} registry", f=fmt), read=True, check=False, timeout=30)
+    if r.exit_code == 127:  # no docker: the registry may be podman's container (runtime=podman), same mounts
+        r = h.run(cmd("podman inspect --format {f} registry", f=fmt), read=True, check=False, timeout=30)
     if r.exit_code == 0:
         for line in r.stdout.splitlines():
             dst, _, src = line.partition("=")
