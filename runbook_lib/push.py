@@ -840,8 +840,9 @@ def _storage(ctx) -> dict:
     mounts = {}
     fmt = "{{range .Mounts}}{{.Destination}}={{.Source}}\n{{end}}"
     r = h.run(cmd("docker inspect --format {f} registry", f=fmt), read=True, check=False, timeout=30)
-    if r.exit_code == 127:  # no docker: the registry may be podman's container (runtime=podman), same mounts
-        r = h.run(cmd("podman inspect --format {f} registry", f=fmt), read=True, check=False, timeout=30)
+    if r.exit_code != 0:  # no docker (or no such container): it may be podman's (runtime=podman), same mounts
+        rp = h.run(cmd("podman inspect --format {f} registry", f=fmt), read=True, check=False, timeout=30)
+        r = rp if rp.exit_code == 0 else r
     if r.exit_code == 0:
         for line in r.stdout.splitlines():
             dst, _, src = line.partition("=")
