@@ -51,6 +51,7 @@ TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
 MAX_PAGE = 1000  # distribution: n > 1000 -> 400 PAGINATION_NUMBER_INVALID
 DEFAULT_CONFIG = "/etc/docker/registry/config.yml"
 SYSTEMD_BINARY = "/usr/bin/docker-registry"
+PODMAN_UNIT = "container-registry.service"  # = registry.PODMAN_UNIT (04's runtime=podman)
 
 # What a registry error code means here, and what to do about it.
 EXPLAIN = {
@@ -841,7 +842,8 @@ def plan_retention(ctx, repository: str, keep_last: int, tag_filter: str = "") -
 @dataclass
 class Deployment:
     """How the registry runs on its host (found there, not assumed): runtime docker
-    (container), systemd (unit) or daemon (04-registry's pidfile, hosts without systemd)."""
+    (container), podman (container owned by container-registry.service), systemd (unit) or
+    daemon (04-registry's pidfile, hosts without systemd)."""
     hosts: list
     runtime: str
     running: bool
@@ -854,9 +856,12 @@ class Deployment:
     container: str | None = None
     image_id: str | None = None
     readonly: bool = False
+    mounts: list = field(default_factory=list)  # podman: [{"Source", "Destination"}] for a one-off GC container
+    volume_label: str = ""                      # podman: ":Z" where SELinux is on
 
     def describe(self) -> str:
         where = {"docker": f"container {self.container}", "systemd": "systemd unit docker-registry",
+                 "podman": f"podman container {self.container} (unit {PODMAN_UNIT})",
                  "daemon": "docker-registry daemon (pidfile)"}[self.runtime]
         st = f"{self.storage} bucket {self.bucket}" if self.bucket else (
             f"filesystem {self.root_host or self.root_in}" if self.storage == "filesystem" else self.storage)
@@ -913,30 +918,94 @@ def storage_of(cfg: dict) -> tuple[str, str | None, str | None, bool]:
     return driver, bucket, root, ro
 
 
+def parse_podman_unit(text: str) -> tuple[str | None, list]:
+    """(image, mounts) of the `podman run` in a unit made by `podman generate systemd --new`
+    (when the unit is stopped its container does not exist: the unit is what says how it runs)."""
+    joined = re.sub(r"\\\n\s*", " ", text or "")
+    line = next((ln.split("=", 1)[1] for ln in joined.splitlines() if ln.startswith("ExecStart=")), "")
+    words = shlex.split(line) if line else []
+    mounts, image, i = [], None, 0
+    while i < len(words):
+        w = words[i]
+        if w in ("-v", "--volume") and i + 1 < len(words):
+            src, _, rest = words[i + 1].partition(":")
+            mounts.append({"Source": src, "Destination": rest.split(":")[0]})
+            i += 2
+            continue
+        i += 1
+    if words and not words[-1].startswith("-"):
+        image = words[-1]
+    return image, mounts
+
+
+def _podman_selinux_label(h) -> str:
+    from . import registry
+    r = h.run(cmd("command -v getenforce >/dev/null 2>&1 && getenforce || true"), read=True, check=False)
+    return registry.volume_label(r.stdout)
+
+
+def _from_inspect(ctx, h, hosts, engine: str, info: dict) -> Deployment:
+    """A container registry (docker, or podman) from its `inspect` JSON."""
+    for e in (info.get("Config") or {}).get("Env") or []:  # REGISTRY_* env may hold secrets
+        k, _, v = e.partition("=")
+        if _SECRET_KEYS.search(k) and len(v) >= masking.MIN_LEN:
+            masking.register(v)
+    args = info.get("Args") or []
+    cfg_in = next((a for a in args if a.endswith((".yml", ".yaml"))), DEFAULT_CONFIG)
+    mounts = info.get("Mounts") or []
+    cfg_host = _host_path(mounts, cfg_in)
+    running = bool((info.get("State") or {}).get("Running"))
+    text = h.read_file(cfg_host) if cfg_host else None
+    if text is None and running:
+        text = h.run(cmd(engine + " exec {n} cat {p}", n=CONTAINER, p=cfg_in), read=True, no_log=True).stdout.encode()
+    cfg = parse_config(text.decode() if text else "")
+    driver, bucket, root, ro = storage_of(cfg)
+    dep = Deployment(hosts, engine, running, cfg_in, cfg_host, driver, bucket,
+                     _host_path(mounts, root) if root else None, root, CONTAINER, info.get("Image"), ro)
+    if engine == "podman":
+        dep.mounts = [{"Source": m.get("Source"), "Destination": m.get("Destination")} for m in mounts
+                      if m.get("Type", "bind") == "bind"]
+        dep.volume_label = _podman_selinux_label(h)
+    return dep
+
+
+def _podman_unit_deployment(ctx, h, hosts) -> Deployment | None:
+    """A podman registry whose unit is stopped (no container then): read from the unit file."""
+    from . import registry
+    text = h.read_file(registry.PODMAN_UNIT_PATH)
+    if not text:
+        return None
+    image, mounts = parse_podman_unit(text.decode(errors="replace"))
+    # the file mounted as the config (registry 3 reads /etc/distribution/config.yml)
+    cfg_in = next((m["Destination"] for m in mounts if m["Destination"].endswith((".yml", ".yaml"))), DEFAULT_CONFIG)
+    cfg_host = _host_path(mounts, cfg_in)
+    raw = h.read_file(cfg_host) if cfg_host else None
+    cfg = parse_config(raw.decode() if raw else "")
+    driver, bucket, root, ro = storage_of(cfg)
+    running = h.test(cmd("systemctl is-active --quiet {u}", u=PODMAN_UNIT))
+    return Deployment(hosts, "podman", running, cfg_in, cfg_host, driver, bucket,
+                      _host_path(mounts, root) if root else None, root, CONTAINER, image, ro,
+                      mounts=mounts, volume_label=_podman_selinux_label(h))
+
+
 def detect(ctx) -> Deployment:
     """Find how the registry runs on the (first) registry host: `docker inspect registry`,
-    else the docker-registry package's config (systemd unit, or 04's pidfile daemon)."""
+    `podman inspect registry` (or, stopped, podman's unit), else the docker-registry package's
+    config (systemd unit, or 04's pidfile daemon)."""
     hosts = _registry_hosts(ctx)
     h = ctx.host(hosts[0])
     r = h.run(cmd("docker inspect {n} 2>/dev/null", n=CONTAINER), read=True, check=False, no_log=True)
+    if r.exit_code != 0 or not r.stdout.strip().startswith("["):
+        p = h.run(cmd("command -v podman >/dev/null && podman inspect --type container {n} 2>/dev/null", n=CONTAINER),
+                  read=True, check=False, no_log=True)
+        if p.exit_code == 0 and p.stdout.strip().startswith("["):
+            return _from_inspect(ctx, h, hosts, "podman", json.loads(p.stdout)[0])
+        if p.exit_code != 127 and h.has_systemd():
+            dep = _podman_unit_deployment(ctx, h, hosts)
+            if dep:
+                return dep
     if r.exit_code == 0 and r.stdout.strip().startswith("["):
-        info = json.loads(r.stdout)[0]
-        for e in (info.get("Config") or {}).get("Env") or []:  # REGISTRY_* env may hold secrets
-            k, _, v = e.partition("=")
-            if _SECRET_KEYS.search(k) and len(v) >= masking.MIN_LEN:
-                masking.register(v)
-        args = info.get("Args") or []
-        cfg_in = next((a for a in args if a.endswith((".yml", ".yaml"))), DEFAULT_CONFIG)
-        mounts = info.get("Mounts") or []
-        cfg_host = _host_path(mounts, cfg_in)
-        running = bool((info.get("State") or {}).get("Running"))
-        text = h.read_file(cfg_host) if cfg_host else None
-        if text is None and running:
-            text = h.run(cmd("docker exec {n} cat {p}", n=CONTAINER, p=cfg_in), read=True, no_log=True).stdout.encode()
-        cfg = parse_config(text.decode() if text else "")
-        driver, bucket, root, ro = storage_of(cfg)
-        return Deployment(hosts, "docker", running, cfg_in, cfg_host, driver, bucket,
-                          _host_path(mounts, root) if root else None, root, CONTAINER, info.get("Image"), ro)
+        return _from_inspect(ctx, h, hosts, "docker", json.loads(r.stdout)[0])
     text = h.read_file(DEFAULT_CONFIG)
     if text is None:
         raise RunbookError(f"registry_host: no registry found on {hosts[0]} (no `{CONTAINER}` container, "
@@ -965,8 +1034,19 @@ def gc_argv(dep: Deployment, *, dry_run: bool, delete_untagged: bool, stopped: b
     docker, stopped: `docker exec` cannot work; a one-off container from the SAME image
     (by ID) with the SAME mounts (`--volumes-from registry`: no mount list to keep in
     sync) and host networking (RGW is reached as the registry reaches it).
+    podman, running: `podman exec registry registry garbage-collect ...` (the read-only registry
+    of gc_mode readonly keeps serving pulls).  podman, stopped (its unit's stop removed the
+    container): `podman run --rm` of the SAME image (by ID) with the SAME bind mounts, written out
+    (podman's --volumes-from does not relabel for SELinux, so each mount gets the registry's own
+    `:Z` where SELinux is on: the registry is stopped, and its unit relabels again on start).
     systemd/daemon: the package's binary, without AWS_CA_BUNDLE (the s3 driver panics)."""
     flags = (["--dry-run"] if dry_run else []) + (["--delete-untagged"] if delete_untagged else [])
+    if dep.runtime == "podman":
+        if not stopped and dep.running:
+            return ["podman", "exec", dep.container, "registry", "garbage-collect", *flags, dep.config_path]
+        vols = [w for m in dep.mounts for w in ("-v", f"{m['Source']}:{m['Destination']}{dep.volume_label}")]
+        return ["podman", "run", "--rm", "--network", "host", *vols, dep.image_id or "docker.io/library/registry:2",
+                "garbage-collect", *flags, dep.config_path]
     if dep.runtime == "docker":
         if not stopped and dep.running:
             return ["docker", "exec", dep.container, "registry", "garbage-collect", *flags, dep.config_path]
@@ -988,8 +1068,8 @@ def usage(ctx, dep: Deployment) -> dict | None:
             h = ctx.host(dep.hosts[0])
             if dep.root_host:
                 c = cmd("du -sb {p} && find {p} -type f | wc -l", p=dep.root_host)
-            elif dep.runtime == "docker" and dep.running:
-                c = cmd("docker exec {n} sh -c {s}", n=dep.container,
+            elif dep.runtime in ("docker", "podman") and dep.running:
+                c = cmd(dep.runtime + " exec {n} sh -c {s}", n=dep.container,
                         s=f"du -sb {shlex.quote(dep.root_in)} && find {shlex.quote(dep.root_in)} -type f | wc -l")
             else:
                 return None
@@ -1080,6 +1160,8 @@ def untagged_children(ctx, report: dict) -> dict:
 def _stop(ctx, dep: Deployment, h, state: dict):
     if dep.runtime == "docker":
         h.run(cmd("docker stop {n}", n=dep.container))
+    elif dep.runtime == "podman":  # the unit owns the container (a stop removes it; start makes it again)
+        h.run(cmd("systemctl stop {u}", u=PODMAN_UNIT))
     elif dep.runtime == "systemd":
         h.run(cmd("systemctl stop docker-registry"))
     else:
@@ -1091,6 +1173,8 @@ def _stop(ctx, dep: Deployment, h, state: dict):
 def _start(ctx, dep: Deployment, h, state: dict):
     if dep.runtime == "docker":
         h.run(cmd("docker start {n}", n=dep.container))
+    elif dep.runtime == "podman":
+        h.run(cmd("systemctl start {u}", u=PODMAN_UNIT))
     elif dep.runtime == "systemd":
         h.run(cmd("systemctl start docker-registry"))
     else:
@@ -1161,10 +1245,11 @@ def garbage_collect(ctx, delete_untagged: bool = False, run: bool = True, dry_ru
         gc_cmd = " ".join(shlex.quote(a) for a in gc_argv(dep, dry_run=False, delete_untagged=delete_untagged,
                                                            stopped=True))
         verb = {"docker": f"docker {{}} {dep.container}", "systemd": "systemctl {} docker-registry",
-                "daemon": "{} docker-registry (pidfile)"}[dep.runtime]
+                "podman": f"systemctl {{}} {PODMAN_UNIT}", "daemon": "{} docker-registry (pidfile)"}[dep.runtime]
         if mode == "readonly":
             verb = ("config.yml storage.maintenance.readonly {} + " +
                     {"docker": f"docker restart {dep.container}", "systemd": "systemctl restart docker-registry",
+                     "podman": f"systemctl restart {PODMAN_UNIT}",
                      "daemon": "restart docker-registry (pidfile)"}[dep.runtime])
             for text in [*(f"[{x.name}] " + verb.format("on") for x in hosts), gc_cmd,
                          *(f"[{x.name}] " + verb.format("off") for x in hosts)]:
@@ -1284,6 +1369,8 @@ def _restart(ctx, dep: Deployment, h):
     finish), then start; the in-memory blob-descriptor cache starts empty."""
     if dep.runtime == "docker":
         h.run(cmd("docker restart -t 15 {n}", n=dep.container))
+    elif dep.runtime == "podman":
+        h.run(cmd("systemctl restart {u}", u=PODMAN_UNIT))
     elif dep.runtime == "systemd":
         h.run(cmd("systemctl restart docker-registry"))
     else:

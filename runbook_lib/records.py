@@ -302,8 +302,10 @@ VERSION_COMMANDS = {
         "docker-registry --version",
         "docker exec registry registry --version",
         "docker image inspect --format '{{index .RepoTags 0}} {{.Id}}' registry:2",
+        "podman exec registry registry --version",  # runtime=podman hosts (no docker)
     ]),
     "docker": ("registry_host", ["docker version --format 'client {{.Client.Version}} server {{.Server.Version}}'"]),
+    "podman": ("registry_host", ["podman version --format 'podman {{.Client.Version}}'"]),
 }
 
 

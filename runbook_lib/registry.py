@@ -22,7 +22,8 @@ runtime=podman, the contract other sections rely on (05-push, 06-operations, 07-
   podman >= 4.4 Quadlet's /etc/containers/systemd/container-registry.container instead (the
   generated unit has the same name).  The unit owns the container: `systemctl stop|start|restart
   container-registry` (a stop removes the container: --new; start creates it again);
-  `journalctl -u container-registry` is its log.
+  `journalctl -u container-registry` is its log; `container_engine(h)` says which engine holds
+  container `registry` on a host.
 
 Everything that can be wrong is checked first (`preflight`): certificates, the port,
 the image, and the RGW credentials — tried from each registry host — so that a bad
@@ -411,11 +412,12 @@ def preflight(ctx) -> dict:
             if name not in OUR_PROCESSES:
                 found.append(f"registry_port: {ctx.registry_port} is in use on {h.name} by {name}"
                              + (f" (pid {pid})" if pid else "") + "; choose another port")
+        have = host_runtimes(h)  # said for every runtime: which engine this host really has
+        _state(ctx).setdefault("runtimes", {})[h.name] = have
+        steps.row(host=h.name, runtimes=describe_runtimes(have),
+                  **({"volumes": "':Z' (SELinux " + have["selinux"] + ")"}
+                     if rt == "podman" and volume_label(have["selinux"]) else {}))
         if rt in CONTAINER_RUNTIMES:
-            have = host_runtimes(h)
-            _state(ctx).setdefault("runtimes", {})[h.name] = have
-            steps.row(host=h.name, runtimes=describe_runtimes(have),
-                      **({"volumes": "':Z' (SELinux " + have["selinux"] + ")"} if volume_label(have["selinux"]) else {}))
             bad = runtime_problem(rt, have, h.name)
             if bad:
                 found.append(bad)
@@ -897,6 +899,16 @@ def runtime_problem(runtime: str, found: dict, host: str) -> str | None:
     return None
 
 
+def container_engine(h) -> str | None:
+    """Which engine holds the registry's container `registry` on h: "docker", "podman" or None
+    (a read; for sections that inspect or read the logs of whichever runs it)."""
+    for engine in CONTAINER_RUNTIMES:
+        if h.test(cmd("command -v " + engine + " >/dev/null 2>&1 && " + engine + " inspect --type container {n} "
+                      ">/dev/null 2>&1", n=CONTAINER_NAME)):
+            return engine
+    return None
+
+
 def podman_state(h) -> tuple[str | None, bool]:
     """(config hash label, running) of the registry's podman container on h; (None, False) when absent."""
     return _container_state(h, "podman")
@@ -943,7 +955,10 @@ def _start_podman(ctx, h, digest: str) -> dict:
     gen = h.run(cmd("podman generate systemd --new --no-header --name {n} --restart-policy=always", n=CONTAINER_NAME),
                 changed=False)
     h.run(cmd("podman rm {n}", n=CONTAINER_NAME), changed=False)
-    if not gen.skipped:
+    if gen.skipped:  # dry run: no container was created, so there is no unit text to compare
+        journal.record(Result(h.name, f"write {PODMAN_UNIT_PATH} (podman generate systemd's output)", None,
+                              skipped=True, changed=True, kind="file"))
+    else:
         if not gen.stdout.startswith("# " + PODMAN_UNIT):
             raise RegistryError(f"{h.name}: podman generate systemd did not make {PODMAN_UNIT}: {gen.stdout[:200]!r}")
         h.put_file(PODMAN_UNIT_PATH, gen.stdout, mode=0o644)
@@ -993,6 +1008,8 @@ def start(ctx):
     def one(h):
         if rt == "docker":
             _stop_other_daemon(h)
+            if h.has_systemd() and h.test(cmd("systemctl is-enabled --quiet {u}", u=PODMAN_UNIT)):
+                h.run(cmd("systemctl disable --now {u}", u=PODMAN_UNIT))  # runtime podman before: its port
             label, running = _docker_state(h)
             if label == digest and running:
                 return {"host": h.name, "state": "running, config unchanged"}
@@ -1005,6 +1022,8 @@ def start(ctx):
             return {"host": h.name, "state": "replaced (config changed)" if label is not None else "created"}
         if rt == "podman":
             _stop_other_daemon(h)
+            if h.test(cmd("command -v docker >/dev/null 2>&1 && docker inspect {n} >/dev/null 2>&1", n=CONTAINER_NAME)):
+                h.run(cmd("docker rm -f {n}", n=CONTAINER_NAME))  # runtime docker before: its port
             return _start_podman(ctx, h, digest)
         # runtime systemd
         if h.test(cmd("docker inspect {n} >/dev/null 2>&1", n=CONTAINER_NAME)):
