@@ -6,6 +6,7 @@ host as the user's client (`pccli`, 198.18.0.172); and docker from the control n
   (podman's own auth file), push, pull back, digests equal; a second run changes nothing.
 - 05-push client=docker from the control node to the same podman-run registry; then each client
   pulls what the other pushed, by digest (one registry, two engines, the same bytes).
+- the client host rebooted: podman's login (on /run) is gone, 05-push logs in again and pushes nothing.
 - client=docker on a host that has only podman: refused before anything is written there, with
   the package and the client it does have.
 - 07-faq on the podman runtime: the registry's unit made to run the container as an unprivileged
@@ -29,7 +30,7 @@ import time
 import pytest
 
 from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
-from helpers import lab_host, lab_ssh
+from helpers import lab_host, lab_ssh, rgw_answers
 from runbook_lib import push as P
 from runbook_lib.host import cmd
 
@@ -106,6 +107,10 @@ def pod(tmp_path_factory):
     # the stand-in image is made from busybox (05-push's rootfs); Debian's podman host lacks it
     lab_ssh(CLI[1], "command -v busybox >/dev/null || { apt-get update -q >/dev/null && "
             "DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null 2>&1; }", timeout=180)
+    # ceph1's RGW is shared: another session may be restarting it (seen: 02-accounts refused)
+    deadline = time.monotonic() + 60
+    while not rgw_answers() and time.monotonic() < deadline:
+        time.sleep(1)
     d = tmp_path_factory.mktemp("podcl")
     (d / "state").mkdir(mode=0o700)
     purge()
@@ -162,6 +167,20 @@ def test_podman_and_docker_clients_push_pull_and_pull_each_others(pod):
               read=True)
     assert f"{TARGET}/{repo}@{by_docker}" in json.loads(r.stdout)
     print(f"\n05-push podman x2 {t_podman:.1f} s, all {time.monotonic() - t0:.1f} s")
+
+
+def test_client_reboot_loses_podmans_login_and_05_logs_in_again(pod):
+    """podman's root auth file is on /run (a tmpfs): after a reboot of the client the login is gone,
+    and 05-push logs in again — and only that: the image and the CA are still there, nothing is pushed."""
+    from runbook_lib import lab as L
+    notebook("05-push", pod, client="podman", client_host=CLI[1], image_name=PODMAN_IMG)  # stands alone too
+    print(f"\nclient reboot: {L.reboot(CLI[0])}")
+    assert not lab_host(CLI[1]).exists(ROOT_AUTH)
+    text, out = notebook("05-push", pod, client="podman", client_host=CLI[1], image_name=PODMAN_IMG)
+    assert "VERDICT 05-push: PASS" in text and ", 1 changed," in counts(text), counts(text)
+    assert "Login Succeeded" in text and "not pushed again" in text and "already there: not rebuilt" in text
+    assert P.stored_auth(lab_host(CLI[1]).read_file(ROOT_AUTH), TARGET)
+    no_secret(pod, out)
 
 
 def test_docker_client_on_a_podman_host_is_refused_before_any_change(pod):
