@@ -214,3 +214,17 @@ def test_faq_names_unreadable_mounts_of_a_podman_registry_from_its_journal(pod):
         no_secret(pod, out1, out2)
     finally:
         lab_ssh(REG[1], f"grep -q 65534 {UNIT} && {{ rm -f {UNIT}; systemctl daemon-reload; }}; true", check=False)
+
+
+def test_faq_names_a_stopped_podman_unit_and_starts_it(pod):
+    """Stopped by hand (its container is then removed: --new): registry-down, from the unit's state."""
+    notebook("04-registry", pod, container=CONTAINER, runtime="podman")  # as deployed, whatever ran before
+    lab_ssh(REG[1], "systemctl stop container-registry")
+    faq = dict(runtime="podman", container=CONTAINER, probe_container="pc-faq-probe")
+    text, _ = notebook("07-faq", pod, expect_error=True, **faq)
+    assert f"found registry-down on {REG[1]}" in text, text[-3000:]
+    # (a stop leaves it "failed": the registry exits 2 on SIGTERM, and the unit passes that on)
+    assert "no container named registry; container-registry.service" in text, text[-3000:]
+    text, _ = notebook("07-faq", pod, fix=True, **faq)
+    assert f"VERDICT 07-faq: PASS — fixed registry-down on {REG[1]}" in text, text[-3000:]
+    assert lab_host(REG[1]).test(cmd("systemctl is-active --quiet container-registry"))
