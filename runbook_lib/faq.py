@@ -78,7 +78,8 @@ CAUSES = {
     "unexplained": "the registry fails but none of the known causes was seen",
 }
 FAMILY = {"pg-limit": "416", "rgw-down": "503", "storage-credentials": "503", "storage-container-missing": "503",
-          "mount-access": "503", "selinux-volume-label": "503", "registry-down": "refused", "rgw-unreachable-from-registry": "503",
+          "mount-access": "503", "selinux-volume-label": "503", "registry-down": "refused",
+          "rgw-unreachable-from-registry": "503",
           "htpasswd-wrong-password": "401", "htpasswd-user-missing": "401", "htpasswd-missing": "401",
           "client-login-stale": "401", "tls-ca-not-trusted": "x509", "tls-name-missing": "x509",
           "tls-expired": "x509", "registry-speaks-http": "x509", "client-speaks-http": "x509",
@@ -89,8 +90,8 @@ FIX_ORDER = ("pg-limit", "rgw-down", "storage-credentials", "storage-container-m
              "registry-down", "registry-speaks-http", "listening-elsewhere", "tls-name-missing", "tls-expired",
              "htpasswd-missing", "htpasswd-user-missing", "tls-ca-not-trusted", "client-login-stale")
 # fixed by re-deploying the registry as 04-registry renders it (config.yml, certificate, container)
-REDEPLOY = ("storage-credentials", "mount-access", "selinux-volume-label", "registry-down", "storage-container-missing",
-            "registry-speaks-http", "listening-elsewhere", "tls-name-missing", "tls-expired")
+REDEPLOY = ("storage-credentials", "mount-access", "selinux-volume-label", "registry-down",
+            "storage-container-missing", "registry-speaks-http", "listening-elsewhere", "tls-name-missing", "tls-expired")
 PROVISIONED_LOG = "htpasswd is missing, provisioning with default user"
 PROVISIONED_USER = "docker"  # the user registry 2.8 writes into a missing htpasswd (password in its log)
 QUOTA_FULL = 0.9  # a quota this full fails the next push (a push writes many objects)
@@ -466,18 +467,18 @@ def classify(ev: dict) -> list[Finding]:
         perm_logs = [line for line in r.get("log_lines", []) if "permission denied" in line.lower()]
         sel = selinux_label_problem(r.get("selinux", "absent"), r.get("binds") or [], perm_logs, denied)
         podman = r.get("runtime") == "podman"
+        label = ":Z" if podman else ":z"  # podman's answer is a private label; the runbook's docker fix shares it
         if sel:
             ev_ = lead + [f"SELinux on {host}: enforcing (getenforce)",
                           "mounts without a :Z/:z label: " + ", ".join(sel["mounts"]),
                           "denied: " + ", ".join(sel["paths"])] + list(dict.fromkeys(perm_logs))[-3:]
             if r.get("security"):
                 ev_.append(r["security"])
-            label = ":Z" if podman else ":z"
             found.append(Finding("selinux-volume-label", host, ev_,
-                                 f"re-create the container with {label} on every -v (the files are relabelled for it; "
-                                 + ("04-registry's podman unit does so where getenforce says Enforcing" if podman else
-                                    "not the document's --privileged, which turns confinement off")
-                                 + "); not --privileged"))
+                                 f"re-create the container with {label} on every -v, so that the files are relabelled "
+                                 "for it" + (" (04-registry's podman unit does so where getenforce says Enforcing)"
+                                             if podman else "")
+                                 + "; not the document's --privileged, which turns SELinux's confinement off"))
         elif denied or perm_logs:
             ev_ = lead + [f"inside the registry: {f} {r['files'][f]}" for f in denied] + list(dict.fromkeys(perm_logs))[-3:]
             if r.get("state"):
@@ -485,7 +486,7 @@ def classify(ev: dict) -> list[Finding]:
             if r.get("security"):
                 ev_.append(r["security"])
             fixev = ("re-create the container as the runbook runs it (root, mounts"
-                     + (" relabelled with :z: SELinux is enforcing; the document used --privileged" if
+                     + (f" relabelled with {label}: SELinux is enforcing; the document used --privileged" if
                         r.get("selinux") == "enforcing" else
                         "; under SELinux add :Z to each -v (podman's answer), never --privileged" if podman else
                         "; under SELinux add :z to each -v, or --privileged as the document did") + ")")

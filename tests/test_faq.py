@@ -97,7 +97,11 @@ def test_classify_names_the_selinux_label_with_podmans_fix():
                        binds=faq.parse_binds(PODMAN_BINDS))
     f = faq.classify(_ev(registry={"g": reg}))
     assert [x.cause for x in f] == ["selinux-volume-label"] and f[0].fixable
-    assert ":Z" in f[0].fix and "not --privileged" in f[0].fix and "/certs" in " ".join(f[0].evidence)
+    assert ":Z" in f[0].fix and "not the document's --privileged" in f[0].fix and "/certs" in " ".join(f[0].evidence)
+    # docker's Binds have no options unless given: the runbook's docker fix relabels with :z
+    docker = dict(reg, runtime="docker", binds=faq.parse_binds([b.split(":rw")[0] for b in PODMAN_BINDS]))
+    f = faq.classify(_ev(registry={"g": docker}))
+    assert [x.cause for x in f] == ["selinux-volume-label"] and ":z on every -v" in f[0].fix
     # the same log on a host without SELinux: a plain mount-access, fixed by running the container as 04 does
     reg.update(selinux="absent")
     f = faq.classify(_ev(registry={"g": reg}))
