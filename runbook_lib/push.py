@@ -669,7 +669,8 @@ def _tag_engine(ctx) -> None:
 
 def _pushed_already(ctx, reg_digest: str | None) -> bool:
     """Does the local image already know the registry's digest (it pushed, or pulled back, exactly
-    that)?  podman lists REPO@DIGEST only for manifests it moved; docker the same after a push."""
+    that)?  docker records it on push; podman on pull (05's pull back), and it also lists every name
+    of the image with the digest of its local manifest — which then names this very image too."""
     if not reg_digest:
         return False
     repo, _ = split_image(ctx.params["image_name"])
