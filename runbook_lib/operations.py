@@ -921,20 +921,15 @@ def storage_of(cfg: dict) -> tuple[str, str | None, str | None, bool]:
 def parse_podman_unit(text: str) -> tuple[str | None, list]:
     """(image, mounts) of the `podman run` in a unit made by `podman generate systemd --new`
     (when the unit is stopped its container does not exist: the unit is what says how it runs)."""
+    from . import registry
     joined = re.sub(r"\\\n\s*", " ", text or "")
     line = next((ln.split("=", 1)[1] for ln in joined.splitlines() if ln.startswith("ExecStart=")), "")
     words = shlex.split(line) if line else []
-    mounts, image, i = [], None, 0
-    while i < len(words):
-        w = words[i]
-        if w in ("-v", "--volume") and i + 1 < len(words):
-            src, _, rest = words[i + 1].partition(":")
-            mounts.append({"Source": src, "Destination": rest.split(":")[0]})
-            i += 2
-            continue
-        i += 1
-    if words and not words[-1].startswith("-"):
-        image = words[-1]
+    mounts = []
+    for v in registry.unit_volumes(text):
+        src, _, rest = v.partition(":")
+        mounts.append({"Source": src, "Destination": rest.split(":")[0]})
+    image = words[-1] if words and not words[-1].startswith("-") else None
     return image, mounts
 
 

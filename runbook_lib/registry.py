@@ -4,8 +4,9 @@ As in the document: an htpasswd file (bcrypt), a `config.yml` (the document's, w
 `log.formatter` spelled right), and `docker run ... registry:2` on every registry host
 with `/opt/k8s/registry/{auth,certs,config.yml}` mounted.  Or (runtime=systemd) Debian's
 `docker-registry` package as a service.  Or (runtime=podman, hosts with podman and no docker:
-RHEL/Rocky/Alma 8+) the same container run by podman and kept by a systemd unit.  Storage: Swift against RGW auth v1 (the
-document's), S3 against RGW (the only RGW path in registry 3), or the local filesystem.
+RHEL/Rocky/Alma 8+) the same container run by podman and kept by a systemd unit.  Storage: Swift
+against RGW auth v1 (the document's), S3 against RGW (the only RGW path in registry 3), or the
+local filesystem.
 
 runtime=podman, the contract other sections rely on (05-push, 06-operations, 07-faq):
 - container name `registry` (CONTAINER_NAME, as with docker); `podman inspect registry` /
@@ -23,7 +24,9 @@ runtime=podman, the contract other sections rely on (05-push, 06-operations, 07-
   generated unit has the same name).  The unit owns the container: `systemctl stop|start|restart
   container-registry` (a stop removes the container: --new; start creates it again);
   `journalctl -u container-registry` is its log; `container_engine(h)` says which engine holds
-  container `registry` on a host.
+  container `registry` on a host; `podman_unit_volumes(h)` are its unit's -v values (with
+  options); `selinux_mount_problem(getenforce, volumes)` names the
+  document's 503 cause under podman (SELinux on, a mount without :Z) with its fix.
 
 Everything that can be wrong is checked first (`preflight`): certificates, the port,
 the image, and the RGW credentials — tried from each registry host — so that a bad
@@ -705,7 +708,8 @@ def mounts(remote_dir: str, storage: str, registry_version: int = 2) -> list[tup
     """(host path, container path) of every bind mount: the document's three, plus the data
     directory for storage=filesystem (it survives the container being replaced)."""
     rd = remote_dir
-    m = [(f"{rd}/auth", "/auth"), (f"{rd}/certs", "/certs"), (f"{rd}/config.yml", container_config_path(registry_version))]
+    m = [(f"{rd}/auth", "/auth"), (f"{rd}/certs", "/certs"),
+         (f"{rd}/config.yml", container_config_path(registry_version))]
     if storage == "filesystem":
         m.append((f"{rd}/data", "/var/lib/registry"))
     return m
@@ -907,6 +911,46 @@ def container_engine(h) -> str | None:
                       ">/dev/null 2>&1", n=CONTAINER_NAME)):
             return engine
     return None
+
+
+def unit_volumes(text: str) -> list[str]:
+    """The -v values (with their options) of the registry's podman unit: the `podman run` of a unit
+    from `podman generate systemd`, or the Volume= lines of a Quadlet file.  (Pure.)"""
+    import shlex
+    text = text or ""
+    quadlet = [ln.split("=", 1)[1].strip() for ln in text.splitlines() if ln.startswith("Volume=")]
+    if quadlet:
+        return quadlet
+    joined = re.sub(r"\\\n\s*", " ", text)
+    line = next((ln.split("=", 1)[1] for ln in joined.splitlines() if ln.startswith("ExecStart=")), "")
+    words = shlex.split(line) if line else []
+    return [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-v", "--volume")]
+
+
+def podman_unit_volumes(h) -> list[str]:
+    """unit_volumes of the unit (or Quadlet file) on h; [] when there is none (a read)."""
+    for path in (PODMAN_UNIT_PATH, QUADLET_PATH):
+        raw = h.read_file(path)
+        if raw:
+            return unit_volumes(raw.decode(errors="replace"))
+    return []
+
+
+def selinux_mount_problem(getenforce: str | None, volumes: list[str]) -> str | None:
+    """The document's 503 under podman: SELinux on (getenforce) and a bind mount of the registry
+    without a relabel option (:Z or :z), so the container may not read its config, certificates or
+    htpasswd.  volumes: the `-v` values of the container (from its unit's ExecStart or its create
+    command).  -> the cause and the fix, or None.  (For 07-faq; pure.)"""
+    if not volume_label(getenforce):
+        return None
+    bare = [v for v in volumes if not {"Z", "z"} & set(",".join(v.split(":")[2:]).split(","))]
+    if not bare:
+        return None
+    mode = getenforce.strip().splitlines()[-1].strip()
+    return (f"SELinux is {mode} and the registry's mounts {', '.join(bare)} carry no volume label: the "
+            "container is denied its files (the document's 503, which it fixed with --privileged). Fix: the "
+            ":Z label on each mount (04-registry runtime=podman adds it where getenforce says Enforcing or "
+            "Permissive), not --privileged")
 
 
 def podman_state(h) -> tuple[str | None, bool]:

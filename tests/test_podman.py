@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
-from helpers import lab_ssh
+from helpers import lab_host, lab_ssh, rgw_answers
 from runbook_lib import operations as ops, params as P, registry
 
 NAME, ADDR, PORT = "pod1", "198.18.0.160", 8000
@@ -57,6 +57,15 @@ def test_image_is_fully_qualified_for_podman(image, full):
 ])
 def test_selinux_decides_the_volume_label(getenforce, label):
     assert registry.volume_label(getenforce) == label
+
+
+def test_selinux_mount_problem_names_the_unlabelled_mounts():
+    vols = ["/opt/k8s/registry/auth:/auth", "/opt/k8s/registry/certs:/certs:Z", "/x:/y:ro,z"]
+    p = registry.selinux_mount_problem("Enforcing", vols)
+    assert p and "/opt/k8s/registry/auth:/auth" in p and "/certs" not in p and "/x:/y" not in p and ":Z" in p
+    assert registry.selinux_mount_problem("Disabled", vols) is None
+    assert registry.selinux_mount_problem(None, vols) is None
+    assert registry.selinux_mount_problem("Enforcing", vols[1:]) is None
 
 
 def test_container_and_quadlet_carry_the_label_not_privileged():
@@ -104,7 +113,8 @@ def test_preflight_accepts_the_runtime_the_host_has():
     assert registry.runtime_problem("podman", PODMAN_HOST, "h1") is None
     assert registry.runtime_problem("docker", DOCKER_HOST, "h1") is None
     assert registry.runtime_problem("systemd", PODMAN_HOST, "h1") is None  # checked elsewhere
-    assert registry.describe_runtimes({**PODMAN_HOST, "selinux": "Enforcing"}) == "podman 4.3.1, systemd, SELinux Enforcing"
+    assert registry.describe_runtimes({**PODMAN_HOST, "selinux": "Enforcing"}) \
+        == "podman 4.3.1, systemd, SELinux Enforcing"
 
 
 def test_runtime_parameter_takes_podman():
@@ -126,6 +136,14 @@ ExecStart=/usr/bin/podman run \\
 ExecStop=/usr/bin/podman stop \\
 \t--ignore -t 10
 """
+
+
+def test_unit_volumes_keep_their_options():
+    assert registry.unit_volumes(UNIT) == ["/opt/k8s/registry/auth:/auth:Z",
+                                           "/opt/k8s/registry/config.yml:/etc/docker/registry/config.yml:Z"]
+    q = registry.render_quadlet(_ctx(), "d" * 64, ":Z")
+    assert registry.unit_volumes(q)[0] == "/opt/k8s/registry/auth:/auth:Z"
+    assert registry.selinux_mount_problem("Enforcing", registry.unit_volumes(UNIT)) is None
 
 
 def test_gc_commands_for_podman():
@@ -176,6 +194,9 @@ def pod(tmp_path_factory):
     state.chmod(0o700)
     out = tmp_path_factory.mktemp("pod-nb")
     base = dict(registry_host=ADDR, state_dir=str(state), uid=UID)
+    if not rgw_answers():  # a lab just brought up has no radosgw yet: 01-rgw installs it (idempotent)
+        text, _ = notebook("01-rgw", out, state_dir=str(state))
+        assert "VERDICT 01-rgw: PASS" in text, text[-2000:]
     purge()
     for name in ("02-accounts", "03-certs"):
         text, _ = notebook(name, out, **base)
@@ -195,10 +216,17 @@ def pod(tmp_path_factory):
     ctx.close()
     on_pod(RESET, check=False)
     purge()
+    import shutil
+    shutil.rmtree(f"/etc/docker/certs.d/{ADDR}:{PORT}", ignore_errors=True)  # 05-push's CA trust on this node
 
 
 def container_id() -> str:
     return on_pod("podman inspect --format '{{.Id}}' registry")
+
+
+def label() -> str:
+    """The config hash label of the running container."""
+    return on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry")
 
 
 def push(s, repo: str, tag: str, size: int) -> tuple[str, str]:
@@ -210,8 +238,8 @@ def push(s, repo: str, tag: str, size: int) -> tuple[str, str]:
     cfg = json.dumps({"architecture": "amd64", "os": "linux", "tag": tag, "rootfs": {"type": "layers",
                                                                                   "diff_ids": []}}).encode()
     c = R.blob_upload(s, URL, repo, cfg)
-    man = json.dumps({"schemaVersion": 2, "mediaType": MT,
-                      "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c, "size": len(cfg)},
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c, "size": len(cfg)}
+    man = json.dumps({"schemaVersion": 2, "mediaType": MT, "config": config,
                       "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer,
                                   "size": size}]}).encode()
     return R.put_manifest(s, URL, repo, tag, man, MT), layer
@@ -236,10 +264,15 @@ def test_deploys_on_a_host_with_podman_and_no_docker(pod):
     assert on_pod("command -v docker || echo none") == "none"
     assert on_pod(f"systemctl is-enabled {registry.PODMAN_UNIT}; systemctl is-active {registry.PODMAN_UNIT}") \
         == "enabled\nactive"
-    label = on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry")
+    hash_label = label()
     unit = on_pod(f"cat {registry.PODMAN_UNIT_PATH}")
-    assert len(label) == 64 and f"--label {registry.LABEL}={label}" in unit and "--privileged" not in unit
+    assert len(hash_label) == 64 and f"--label {registry.LABEL}={hash_label}" in unit and "--privileged" not in unit
     assert "-v /opt/k8s/registry/config.yml:/etc/docker/registry/config.yml" in unit and "--network host" in unit
+    h = lab_host(ADDR)
+    assert registry.podman_unit_volumes(h) == ["/opt/k8s/registry/auth:/auth", "/opt/k8s/registry/certs:/certs",
+                                               "/opt/k8s/registry/config.yml:/etc/docker/registry/config.yml"]
+    assert registry.container_engine(h) == "podman"
+    h.close()
     assert "for podman >= 4.4" in pod.first and "ContainerName=registry" in pod.first  # Quadlet shown, not written
     assert on_pod(f"test -e {registry.QUADLET_PATH} && echo written || echo absent") == "absent"
     assert "****" in pod.first and pod.s.auth[1] not in pod.first
@@ -248,8 +281,8 @@ def test_deploys_on_a_host_with_podman_and_no_docker(pod):
 @pytest.mark.lab
 def test_dry_run_shows_the_plan_and_changes_nothing(pod):
     assert "VERDICT 04-registry: DRY-RUN" in pod.dry, pod.dry[-1500:]
-    for planned in ("podman create --name registry", "podman generate systemd --new", f"write {registry.PODMAN_UNIT_PATH}",
-                    f"systemctl enable {registry.PODMAN_UNIT}"):
+    for planned in ("podman create --name registry", "podman generate systemd --new",
+                    f"write {registry.PODMAN_UNIT_PATH}", f"systemctl enable {registry.PODMAN_UNIT}"):
         assert planned in pod.dry, planned
     assert pod.dry_left.count("No such file or directory") == 2 and pod.dry_left.endswith("0"), pod.dry_left
 
@@ -266,7 +299,6 @@ def test_second_run_changes_nothing(pod):
 
 @pytest.mark.lab
 def test_a_config_change_remakes_the_unit_and_restarts_it(pod):
-    label = lambda: on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry")  # noqa: E731
     old, old_id = label(), container_id()
     text, _ = notebook("04-registry", pod.out, **{**pod.deploy, "storage": "filesystem"})
     assert "VERDICT 04-registry: PASS" in text and "replaced (config changed)" in text, text[-1500:]
@@ -300,7 +332,7 @@ def test_docker_on_the_control_node_pushes_and_pulls(pod):
 def test_reboot_brings_the_registry_back_by_its_unit(pod):
     from runbook_lib import lab as L
     digest, _ = push(pod.s, "pod/boot", "v1", 64 << 10)
-    label = on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry")
+    old = label()
     before = container_id()
     t0 = time.monotonic()
     L.reboot(NAME)
@@ -320,7 +352,7 @@ def test_reboot_brings_the_registry_back_by_its_unit(pod):
     assert code == 200, f"registry not back within 90 s of the boot (last {code})"
     assert on_pod(f"systemctl is-active {registry.PODMAN_UNIT}") == "active"
     assert container_id() != before  # made again by the unit at boot (--new), not a survivor
-    assert on_pod("podman inspect --format '{{index .Config.Labels \"runbook.config-sha256\"}}' registry") == label
+    assert label() == old
     assert pulls_whole(pod.s, "pod/boot", "v1", digest)
     text, _ = notebook("04-registry", pod.out, **pod.deploy)  # after the reboot too: nothing to change
     assert "running, config unchanged" in text and "VERDICT 04-registry: PASS" in text, text[-1500:]
