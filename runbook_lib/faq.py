@@ -1262,10 +1262,10 @@ def _registry_host_evidence(ctx, host: str) -> dict:
             ev["state"] = (f"no container named registry; {u} {kv.get('ActiveState', '?')} ({kv.get('SubState', '?')}"
                            + (f", {kv['NRestarts']} restarts" if kv.get("NRestarts", "0") != "0" else "")
                            + f", {kv.get('UnitFileState', '?')})")
-            unit = (h.read_file(registry.PODMAN_UNIT_PATH) or b"").decode(errors="replace")
-            ev["binds"] = parse_binds(re.findall(r"-v\s+(\S+)", unit))
-            if unit:
-                ev["security"] = "mounts in the unit: " + ", ".join(re.findall(r"-v\s+(\S+)", unit))
+            vols = registry.podman_unit_volumes(h)  # the unit's (or Quadlet file's) -v values, options kept
+            ev["binds"] = parse_binds(vols)
+            if vols:
+                ev["security"] = "mounts in the unit: " + ", ".join(vols)
             lg = h.run(cmd("journalctl -u {u} -n 50 --no-pager -o cat", u=u), read=True, check=False, no_log=True)
             lines = _register_log_secrets(lg.stdout).splitlines()
         elif r.exit_code != 0:

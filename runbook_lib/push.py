@@ -838,12 +838,11 @@ def _storage(ctx) -> dict:
     if "storage" in m:
         return m["storage"]
     h = ctx.host(P.as_list(ctx.params["registry_host"])[0])
+    from . import registry
     mounts = {}
-    fmt = "{{range .Mounts}}{{.Destination}}={{.Source}}\n{{end}}"
-    r = h.run(cmd("docker inspect --format {f} registry", f=fmt), read=True, check=False, timeout=30)
-    if r.exit_code != 0:  # no docker (or no such container): it may be podman's (runtime=podman), same mounts
-        rp = h.run(cmd("podman inspect --format {f} registry", f=fmt), read=True, check=False, timeout=30)
-        r = rp if rp.exit_code == 0 else r
+    eng = registry.container_engine(h)  # docker's or podman's (runtime=podman) container: the same mounts
+    r = h.run(cmd("{e} inspect --format {f} {n}", e=eng or "docker", n=registry.CONTAINER_NAME,
+                  f="{{range .Mounts}}{{.Destination}}={{.Source}}\n{{end}}"), read=True, check=False, timeout=30)
     if r.exit_code == 0:
         for line in r.stdout.splitlines():
             dst, _, src = line.partition("=")
