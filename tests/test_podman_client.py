@@ -12,7 +12,9 @@ host as the user's client (`pccli`, 198.18.0.172); and docker from the control n
 - 07-faq on the podman runtime: the registry's unit made to run the container as an unprivileged
   user (the files it mounts are root's), so it crash-loops and its container is gone most of the
   time: the FAQ names mount-access from the unit's journal, fix=True makes the unit again, and the
-  registry answers.  (SELinux's :Z cause cannot happen here — no SELinux — and is decided by a pure
+  registry answers; a stopped unit is registry-down and started again; and on the podman client,
+  a missing CA under /etc/containers/certs.d and a stale login in podman's auth file are named
+  and fixed.  (SELinux's :Z cause cannot happen here — no SELinux — and is decided by a pure
   function tested in test_faq.py.)
 
 Own RGW user (pcuser), Swift container (pc-registry) and state dir; never registry1 or uid demo.
@@ -228,3 +230,33 @@ def test_faq_names_a_stopped_podman_unit_and_starts_it(pod):
     text, _ = notebook("07-faq", pod, fix=True, **faq)
     assert f"VERDICT 07-faq: PASS — fixed registry-down on {REG[1]}" in text, text[-3000:]
     assert lab_host(REG[1]).test(cmd("systemctl is-active --quiet container-registry"))
+
+
+@pytest.mark.parametrize("broken", ["ca", "login"])
+def test_faq_on_a_podman_client_ca_and_stale_login(pod, broken):
+    """The podman client's own files: its CA under /etc/containers/certs.d (not docker's path), and
+    its login in podman's auth file; each named by 07-faq with client=podman and fixed."""
+    notebook("04-registry", pod, container=CONTAINER, runtime="podman")
+    notebook("05-push", pod, client="podman", client_host=CLI[1], image_name=PODMAN_IMG)  # trusted, logged in
+    c = lab_host(CLI[1])
+    ca_path = f"{P.CONTAINERS_CERTS}/{TARGET}/ca.crt"
+    if broken == "ca":
+        c.run(cmd("rm -f {p}", p=ca_path))
+        cause = "tls-ca-not-trusted"
+    else:
+        stale = {"auths": {TARGET: {"auth": base64.b64encode(b"foo:an-old-password").decode()}}}
+        c.put_file(ROOT_AUTH, json.dumps(stale), mode=0o600)
+        cause = "client-login-stale"
+    faq = dict(runtime="podman", container=CONTAINER, probe_container="pc-faq-probe", client="podman",
+               client_host=CLI[1])
+    text, out1 = notebook("07-faq", pod, expect_error=True, **faq)
+    assert f"found {cause} on {CLI[1]}" in text, text[-3000:]
+    assert (ca_path if broken == "ca" else ROOT_AUTH) in text
+    text, out2 = notebook("07-faq", pod, fix=True, **faq)
+    assert f"VERDICT 07-faq: PASS — fixed {cause} on {CLI[1]}" in text, text[-3000:]
+    if broken == "ca":
+        assert c.read_file(ca_path) == (pod / "state" / "ca" / "ca.pem").read_bytes()
+    else:
+        pw = password(pod)
+        assert P.stored_auth(c.read_file(ROOT_AUTH), TARGET) == P.auth_b64(LAB_PARAMS["registry_user"], pw)
+    no_secret(pod, out1, out2)
