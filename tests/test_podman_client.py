@@ -125,8 +125,8 @@ def pod(tmp_path_factory):
     print(f"\npodman fixture: {time.monotonic() - t0:.1f} s")
     yield d
     local = lab_host("local")
-    local.run(cmd("docker logout {t} >/dev/null 2>&1; docker rmi -f {a} {b} >/dev/null 2>&1; rm -rf {c}; true",
-                  t=TARGET, a=f"{TARGET}/{PODMAN_IMG}", b=f"{TARGET}/{DOCKER_IMG}",
+    local.run(cmd("docker logout {t} >/dev/null 2>&1; docker rmi -f {a} >/dev/null 2>&1; rm -rf {c}; true",
+                  t=TARGET, a=[f"{TARGET}/{PODMAN_IMG}", f"{TARGET}/{DOCKER_IMG}", DOCKER_IMG],
                   c=f"{P.DOCKER_CERTS}/{TARGET}"), check=False)
     lab_ssh(REG[1], "systemctl disable --now container-registry >/dev/null 2>&1; true", check=False)
     purge()
