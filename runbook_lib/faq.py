@@ -493,10 +493,13 @@ def classify(ev: dict) -> list[Finding]:
             found.append(Finding("mount-access", host, ev_, fixev))
         elif not r.get("running") and not any(f.cause == "rgw-down" for f in found) and \
                 st.get("auth") not in ("401", "403"):
+            mism = r.get("runtime_mismatch")  # e.g. runtime=docker given for a podman-run registry
             found.append(Finding("registry-down", host, lead + [f"registry process: {r.get('state', 'absent')}"]
-                                 + r.get("log_hits", [])[-3:],
+                                 + ([mism["text"]] if mism else []) + r.get("log_hits", [])[-3:],
+                                 f"run this notebook again with -p runtime {mism['engine']} (as 04-registry deployed it)"
+                                 if mism else
                                  "deploy it: run notebooks/04-registry.ipynb" if r.get("not_deployed") else
-                                 "start it (04-registry's start step)", fixable=not r.get("not_deployed")))
+                                 "start it (04-registry's start step)", fixable=not (r.get("not_deployed") or mism)))
         elif r.get("running") and (v2.get("anonymous") == 503 or v2.get("with_credentials") == 503) and \
                 not any(f.where in (host, rgw_where) for f in found):
             found.append(Finding("unexplained", host, lead + r.get("log_hits", [])[-5:],
@@ -1251,6 +1254,12 @@ def _registry_host_evidence(ctx, host: str) -> dict:
         r = h.run(cmd("{e} inspect --format {f} {n}", e=eng, n=registry.CONTAINER_NAME,
                       f="{{json .State}}\t{{.Config.User}}\t{{.HostConfig.Privileged}}\t{{json .HostConfig.Binds}}"
                         "\t{{json .HostConfig.SecurityOpt}}"), read=True, check=False)
+        if r.exit_code != 0:
+            ev["running"], ev["state"] = False, "no container named registry"
+            other = registry.container_engine(h)
+            if other and other != eng:
+                ev["runtime_mismatch"] = {"engine": other, "text": f"{other} on {host} runs container registry; this "
+                                          f"run says runtime={eng}: pass -p runtime {other} as 04-registry did"}
         if r.exit_code != 0 and eng == "podman":
             # the unit's container is gone (podman generate systemd --new: a stopped or crash-looping
             # unit removes it): the unit's state and its journal are what is left
@@ -1258,7 +1267,6 @@ def _registry_host_evidence(ctx, host: str) -> dict:
             show = h.run(cmd("systemctl show -p ActiveState -p SubState -p NRestarts -p UnitFileState {u}", u=u),
                          read=True, check=False).stdout
             kv = dict(x.split("=", 1) for x in show.split() if "=" in x)
-            ev["running"] = False
             ev["state"] = (f"no container named registry; {u} {kv.get('ActiveState', '?')} ({kv.get('SubState', '?')}"
                            + (f", {kv['NRestarts']} restarts" if kv.get("NRestarts", "0") != "0" else "")
                            + f", {kv.get('UnitFileState', '?')})")
@@ -1268,9 +1276,7 @@ def _registry_host_evidence(ctx, host: str) -> dict:
                 ev["security"] = "mounts in the unit: " + ", ".join(vols)
             lg = h.run(cmd("journalctl -u {u} -n 50 --no-pager -o cat", u=u), read=True, check=False, no_log=True)
             lines = _register_log_secrets(lg.stdout).splitlines()
-        elif r.exit_code != 0:
-            ev["running"], ev["state"] = False, "no container named registry"
-        else:
+        elif r.exit_code == 0:
             state, user, priv, binds, secopt = (r.stdout.strip().split("\t") + [""] * 5)[:5]
             sj = json.loads(state)
             ev["running"] = bool(sj.get("Running")) and not sj.get("Restarting")

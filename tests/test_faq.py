@@ -108,6 +108,14 @@ def test_classify_names_the_selinux_label_with_podmans_fix():
     assert [x.cause for x in f] == ["mount-access"] and ":Z" in f[0].fix and "--privileged" in f[0].fix
 
 
+def test_classify_a_runtime_given_wrong_is_not_fixed_by_starting_another_registry():
+    mism = {"engine": "podman", "text": "podman on g runs container registry; this run says runtime=docker"}
+    f = faq.classify(_ev(registry={"g": _healthy_reg(running=False, state="no container named registry",
+                                                     runtime_mismatch=mism)}))
+    assert [x.cause for x in f] == ["registry-down"] and not f[0].fixable
+    assert "-p runtime podman" in f[0].fix and mism["text"] in f[0].evidence
+
+
 def test_hint_for_names_the_notebook_and_the_hosts():
     h = faq.hint_for("04-registry", {"rgw_host": "10.0.0.2", "rgw_port": 7480, "registry_host": ["a", "b"],
                                      "storage": "s3", "state_dir": ""})

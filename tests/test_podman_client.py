@@ -232,6 +232,15 @@ def test_faq_names_a_stopped_podman_unit_and_starts_it(pod):
     assert lab_host(REG[1]).test(cmd("systemctl is-active --quiet container-registry"))
 
 
+def test_faq_says_when_runtime_docker_is_given_for_a_podman_registry(pod):
+    """-p runtime forgotten: the FAQ must not start a second registry under docker, but say which
+    engine runs it (this host has no docker at all)."""
+    notebook("04-registry", pod, container=CONTAINER, runtime="podman")
+    text, _ = notebook("07-faq", pod, expect_error=True, container=CONTAINER, probe_container="pc-faq-probe")
+    assert f"found registry-down on {REG[1]}" in text and "pass -p runtime podman" in text, text[-3000:]
+    assert "not applied" in text
+
+
 @pytest.mark.parametrize("broken", ["ca", "login"])
 def test_faq_on_a_podman_client_ca_and_stale_login(pod, broken):
     """The podman client's own files: its CA under /etc/containers/certs.d (not docker's path), and
