@@ -169,6 +169,10 @@ def test_podman_and_docker_clients_push_pull_and_pull_each_others(pod):
               read=True)
     assert f"{TARGET}/{repo}@{by_docker}" in json.loads(r.stdout)
     print(f"\n05-push podman x2 {t_podman:.1f} s, all {time.monotonic() - t0:.1f} s")
+    # logout=True: podman logout removes the entry from podman's auth file
+    text, _ = notebook("05-push", pod, client="podman", client_host=CLI[1], image_name=PODMAN_IMG, logout=True)
+    assert "VERDICT 05-push: PASS" in text and f"podman logout {TARGET}" in text
+    assert P.stored_auth(c.read_file(ROOT_AUTH), TARGET) is None
 
 
 def test_client_reboot_loses_podmans_login_and_05_logs_in_again(pod):
