@@ -8,6 +8,9 @@ ERANGE and RGW maps it to 416 `InvalidRange` (https://tracker.ceph.com/issues/21
 (10 s apart), so every request, `/v2/` included, answers 503 `health check failed`.  Causes:
 RGW down or unreachable, credentials refused, the bucket/container missing, and (the
 document's) the container not allowed to use its mounted files (SELinux: `:z` / `--privileged`).
+With runtime=podman the evidence is podman's (`podman inspect/logs/exec registry`, and the
+journal of container-registry.service when the unit's container is gone), and SELinux's denial
+is named with podman's answer: the `:Z` volume label, never `--privileged`.
 
 The notebook gathers evidence (reads only, plus a probe container it creates and deletes),
 names every cause it finds with that evidence (`diagnose`), and with fix=True applies the
@@ -48,6 +51,8 @@ CAUSES = {
     "storage-credentials": "RGW refuses the storage credentials in the registry's config.yml",
     "storage-container-missing": "the registry's Swift container / S3 bucket does not exist",
     "mount-access": "the registry process cannot read its mounted files (config.yml, certs, htpasswd)",
+    "selinux-volume-label": "SELinux denies the registry's container its mounted files: the volumes carry no "
+                            ":Z/:z label (the document's 503, which it answered with --privileged)",
     "registry-down": "the registry is not running",
     "rgw-unreachable-from-registry": "RGW answers the control node but not the registry host (network path)",
     # 401
@@ -73,18 +78,20 @@ CAUSES = {
     "unexplained": "the registry fails but none of the known causes was seen",
 }
 FAMILY = {"pg-limit": "416", "rgw-down": "503", "storage-credentials": "503", "storage-container-missing": "503",
-          "mount-access": "503", "registry-down": "refused", "rgw-unreachable-from-registry": "503",
+          "mount-access": "503", "selinux-volume-label": "503", "registry-down": "refused",
+          "rgw-unreachable-from-registry": "503",
           "htpasswd-wrong-password": "401", "htpasswd-user-missing": "401", "htpasswd-missing": "401",
           "client-login-stale": "401", "tls-ca-not-trusted": "x509", "tls-name-missing": "x509",
           "tls-expired": "x509", "registry-speaks-http": "x509", "client-speaks-http": "x509",
           "port-closed": "refused", "wrong-port": "refused", "listening-elsewhere": "refused",
           "rgw-user-suspended": "5xx", "rgw-quota-exceeded": "5xx", "osd-full": "5xx", "unexplained": ""}
-FIX_ORDER = ("pg-limit", "rgw-down", "storage-credentials", "storage-container-missing", "mount-access",
+FIX_ORDER = ("pg-limit", "rgw-down", "storage-credentials", "storage-container-missing", "selinux-volume-label",
+             "mount-access",
              "registry-down", "registry-speaks-http", "listening-elsewhere", "tls-name-missing", "tls-expired",
              "htpasswd-missing", "htpasswd-user-missing", "tls-ca-not-trusted", "client-login-stale")
 # fixed by re-deploying the registry as 04-registry renders it (config.yml, certificate, container)
-REDEPLOY = ("storage-credentials", "mount-access", "registry-down", "storage-container-missing",
-            "registry-speaks-http", "listening-elsewhere", "tls-name-missing", "tls-expired")
+REDEPLOY = ("storage-credentials", "mount-access", "selinux-volume-label", "registry-down",
+            "storage-container-missing", "registry-speaks-http", "listening-elsewhere", "tls-name-missing", "tls-expired")
 PROVISIONED_LOG = "htpasswd is missing, provisioning with default user"
 PROVISIONED_USER = "docker"  # the user registry 2.8 writes into a missing htpasswd (password in its log)
 QUOTA_FULL = 0.9  # a quota this full fails the next push (a push writes many objects)
@@ -334,6 +341,51 @@ def add_selinux_label(argv: list[str]) -> list[str]:
     return out
 
 
+def parse_binds(binds: list[str] | None) -> list[dict]:
+    """HostConfig.Binds of `docker inspect` / `podman inspect` ("SRC:DST[:opt,opt]") ->
+    [{"source", "destination", "options"}]."""
+    out = []
+    for b in binds or []:
+        parts = b.split(":")
+        if len(parts) < 2:
+            continue
+        out.append({"source": parts[0], "destination": parts[1],
+                    "options": [o for o in (parts[2] if len(parts) > 2 else "").split(",") if o]})
+    return out
+
+
+def selinux_mode(text: str | None) -> str:
+    """`getenforce` (Enforcing | Permissive | Disabled) or /sys/fs/selinux/enforce (1 | 0) -> enforcing |
+    permissive | disabled | absent (no SELinux on the host)."""
+    t = (text or "").strip().splitlines()[-1].strip().lower() if (text or "").strip() else ""
+    return {"enforcing": "enforcing", "1": "enforcing", "permissive": "permissive", "0": "permissive",
+            "disabled": "disabled"}.get(t, "absent")
+
+
+DENIED_RE = re.compile(r"(/[\w./-]+)[\"']?:? permission denied", re.I)
+
+
+def selinux_label_problem(selinux: str, binds: list[dict], log_lines: list[str],
+                          denied_files: list[str] = ()) -> dict | None:
+    """The SELinux volume-label cause, decided from facts: SELinux enforcing on the registry host,
+    the registry denied a path (its log: "open /certs/registry.pem: permission denied", or a
+    mounted file it cannot read), and the mount holding that path has neither :Z nor :z.
+    -> {"paths": denied paths, "mounts": [DST of unlabelled mounts]}, or None (not this cause:
+    no SELinux, permissive, or the mounts are labelled and the denial is something else)."""
+    if selinux != "enforcing":
+        return None
+    paths = list(dict.fromkeys([m.group(1) for line in log_lines for m in DENIED_RE.finditer(line)]
+                               + list(denied_files)))
+    hit = []
+    for path in paths:
+        for b in binds:
+            d = b["destination"].rstrip("/") or "/"
+            if path == d or path.startswith(d + "/"):
+                if not {"z", "Z"} & set(b["options"]) and d not in hit:
+                    hit.append(d)
+    return {"paths": paths, "mounts": hit} if hit else None
+
+
 def classify(ev: dict) -> list[Finding]:
     """Findings from gathered evidence (pure: every decision is made here, on data)."""
     found: list[Finding] = []
@@ -413,23 +465,41 @@ def classify(ev: dict) -> list[Finding]:
         ht_gone = (r.get("htpasswd") or {}).get("kind") in ("missing", "directory")
         denied = [f for f, s in r.get("files", {}).items() if s != "ok" and not (ht_gone and f.endswith("htpasswd"))]
         perm_logs = [line for line in r.get("log_lines", []) if "permission denied" in line.lower()]
-        if denied or perm_logs:
+        sel = selinux_label_problem(r.get("selinux", "absent"), r.get("binds") or [], perm_logs, denied)
+        podman = r.get("runtime") == "podman"
+        label = ":Z" if podman else ":z"  # podman's answer is a private label; the runbook's docker fix shares it
+        if sel:
+            ev_ = lead + [f"SELinux on {host}: enforcing (getenforce)",
+                          "mounts without a :Z/:z label: " + ", ".join(sel["mounts"]),
+                          "denied: " + ", ".join(sel["paths"])] + list(dict.fromkeys(perm_logs))[-3:]
+            if r.get("security"):
+                ev_.append(r["security"])
+            found.append(Finding("selinux-volume-label", host, ev_,
+                                 f"re-create the container with {label} on every -v, so that the files are relabelled "
+                                 "for it" + (" (04-registry's podman unit does so where getenforce says Enforcing)"
+                                             if podman else "")
+                                 + "; not the document's --privileged, which turns SELinux's confinement off"))
+        elif denied or perm_logs:
             ev_ = lead + [f"inside the registry: {f} {r['files'][f]}" for f in denied] + list(dict.fromkeys(perm_logs))[-3:]
             if r.get("state"):
                 ev_.append(f"registry process: {r['state']}")
             if r.get("security"):
                 ev_.append(r["security"])
             fixev = ("re-create the container as the runbook runs it (root, mounts"
-                     + (" relabelled with :z: SELinux is enforcing; the document used --privileged" if
-                        r.get("selinux") == "enforcing" else "; under SELinux add :z to each -v, or --privileged as "
-                        "the document did") + ")")
+                     + (f" relabelled with {label}: SELinux is enforcing; the document used --privileged" if
+                        r.get("selinux") == "enforcing" else
+                        "; under SELinux add :Z to each -v (podman's answer), never --privileged" if podman else
+                        "; under SELinux add :z to each -v, or --privileged as the document did") + ")")
             found.append(Finding("mount-access", host, ev_, fixev))
         elif not r.get("running") and not any(f.cause == "rgw-down" for f in found) and \
                 st.get("auth") not in ("401", "403"):
+            mism = r.get("runtime_mismatch")  # e.g. runtime=docker given for a podman-run registry
             found.append(Finding("registry-down", host, lead + [f"registry process: {r.get('state', 'absent')}"]
-                                 + r.get("log_hits", [])[-3:],
+                                 + ([mism["text"]] if mism else []) + r.get("log_hits", [])[-3:],
+                                 f"run this notebook again with -p runtime {mism['engine']} (as 04-registry deployed it)"
+                                 if mism else
                                  "deploy it: run notebooks/04-registry.ipynb" if r.get("not_deployed") else
-                                 "start it (04-registry's start step)", fixable=not r.get("not_deployed")))
+                                 "start it (04-registry's start step)", fixable=not (r.get("not_deployed") or mism)))
         elif r.get("running") and (v2.get("anonymous") == 503 or v2.get("with_credentials") == 503) and \
                 not any(f.where in (host, rgw_where) for f in found):
             found.append(Finding("unexplained", host, lead + r.get("log_hits", [])[-5:],
@@ -501,7 +571,7 @@ def _classify_registry_access(ev: dict, found: list) -> list[Finding]:
     params = ev.get("params") or {}
     user = params.get("registry_user", "USER")
     for host, r in ev.get("registry", {}).items():
-        if any(f.where == host and f.cause in ("registry-down", "mount-access") for f in found):
+        if any(f.where == host and f.cause in ("registry-down", "mount-access", "selinux-volume-label") for f in found):
             continue
         ht = r.get("htpasswd") or {}
         path = ht.get("path", "htpasswd")
@@ -565,6 +635,8 @@ def _classify_registry_access(ev: dict, found: list) -> list[Finding]:
                                    "restart the registry and read its log", fixable=False,
                                    commands=[f"docker restart registry; docker logs --tail 20 registry   # on {host}"
                                              if params.get("runtime", "docker") == "docker" else
+                                             f"systemctl restart container-registry; podman logs --tail 20 registry   "
+                                             f"# on {host}" if params.get("runtime") == "podman" else
                                              f"systemctl restart docker-registry   # on {host}"]))
         # TLS, as every client sees it
         tls = r.get("tls") or {}
@@ -817,8 +889,8 @@ def symptoms(ctx) -> dict:
 def client_evidence(ctx) -> dict:
     """On client_host, as the user's client sees the registry: the CA it trusts for the exact
     HOST:PORT it uses (certs.d), its stored login (compared masked), its clock, and the error its
-    own `docker login` / `skopeo login` prints (with a throw-away credentials file: the user's is
-    never touched)."""
+    own `docker login` / `podman login` / `skopeo login` prints (with a throw-away credentials file:
+    the user's is never touched)."""
     from . import certs, push
     st = _state(ctx)
     client = ctx.params.get("client", "docker")
@@ -835,6 +907,9 @@ def client_evidence(ctx) -> dict:
     # the real client's login
     if client == "docker":
         c = cmd('d=$(mktemp -d) && DOCKER_CONFIG="$d" timeout 40 docker login {t} -u {u} --password-stdin 2>&1; '
+                'rc=$?; rm -rf "$d"; exit $rc', t=addr, u=ctx.registry_user)
+    elif client == "podman":
+        c = cmd('d=$(mktemp -d) && timeout 40 podman login --authfile "$d/auth.json" -u {u} --password-stdin {t} 2>&1; '
                 'rc=$?; rm -rf "$d"; exit $rc', t=addr, u=ctx.registry_user)
     else:
         c = cmd('d=$(mktemp -d) && timeout 40 skopeo login --authfile "$d/auth.json" -u {u} --password-stdin {t} 2>&1; '
@@ -1083,7 +1158,7 @@ def _account_evidence(ctx, h) -> dict:
 
 def _deployed_config(ctx, h) -> tuple[dict | None, str]:
     from . import registry
-    path = f"{ctx.remote_dir}/config.yml" if ctx.runtime == "docker" else registry.SYSTEMD_CONFIG
+    path = f"{ctx.remote_dir}/config.yml" if ctx.runtime in ("docker", "podman") else registry.SYSTEMD_CONFIG
     data = h.read_file(path)
     if not data:
         return None, path
@@ -1173,36 +1248,60 @@ def _registry_host_evidence(ctx, host: str) -> dict:
             pass
     # the process: state, log, identity, and its view of the mounted files
     lines: list[str] = []
-    if ctx.runtime == "docker":
-        r = h.run(cmd("docker inspect --format {f} {n}", n=registry.CONTAINER_NAME,
+    ev["runtime"] = ctx.runtime
+    if ctx.runtime in ("docker", "podman"):
+        eng = ctx.runtime  # podman's inspect/logs/exec take docker's arguments and templates
+        r = h.run(cmd("{e} inspect --format {f} {n}", e=eng, n=registry.CONTAINER_NAME,
                       f="{{json .State}}\t{{.Config.User}}\t{{.HostConfig.Privileged}}\t{{json .HostConfig.Binds}}"
                         "\t{{json .HostConfig.SecurityOpt}}"), read=True, check=False)
         if r.exit_code != 0:
             ev["running"], ev["state"] = False, "no container named registry"
-        else:
+            other = registry.container_engine(h)
+            if other and other != eng:
+                ev["runtime_mismatch"] = {"engine": other, "text": f"{other} on {host} runs container registry; this "
+                                          f"run says runtime={eng}: pass -p runtime {other} as 04-registry did"}
+        if r.exit_code != 0 and eng == "podman":
+            # the unit's container is gone (podman generate systemd --new: a stopped or crash-looping
+            # unit removes it): the unit's state and its journal are what is left
+            u = registry.PODMAN_UNIT
+            show = h.run(cmd("systemctl show -p ActiveState -p SubState -p NRestarts -p UnitFileState {u}", u=u),
+                         read=True, check=False).stdout
+            kv = dict(x.split("=", 1) for x in show.split() if "=" in x)
+            ev["state"] = (f"no container named registry; {u} {kv.get('ActiveState', '?')} ({kv.get('SubState', '?')}"
+                           + (f", {kv['NRestarts']} restarts" if kv.get("NRestarts", "0") != "0" else "")
+                           + f", {kv.get('UnitFileState', '?')})")
+            vols = registry.podman_unit_volumes(h)  # the unit's (or Quadlet file's) -v values, options kept
+            ev["binds"] = parse_binds(vols)
+            if vols:
+                ev["security"] = "mounts in the unit: " + ", ".join(vols)
+            lg = h.run(cmd("journalctl -u {u} -n 50 --no-pager -o cat", u=u), read=True, check=False, no_log=True)
+            lines = _register_log_secrets(lg.stdout).splitlines()
+        elif r.exit_code == 0:
             state, user, priv, binds, secopt = (r.stdout.strip().split("\t") + [""] * 5)[:5]
             sj = json.loads(state)
             ev["running"] = bool(sj.get("Running")) and not sj.get("Restarting")
             ev["state"] = ("restarting (exit code %s, restart loop)" % sj.get("ExitCode") if sj.get("Restarting")
                            else sj.get("Status", "?") + (f" (exit code {sj.get('ExitCode')})" if not sj.get("Running")
                                                          else ""))
+            ev["binds"] = parse_binds(json.loads(binds or "null"))
             ev["security"] = (f"container user {user or 'root (image default)'}, privileged {priv}, "
                               f"mounts {', '.join(json.loads(binds) or [])}, security-opt {secopt}")
             # no_log: registry 2.8 prints a provisioned htpasswd password in its log (registered below)
-            lg = h.run(cmd("docker logs --tail 50 {n} 2>&1; docker logs {n} 2>&1 | grep -F {p} | tail -1",
+            lg = h.run(cmd("{e} logs --tail 50 {n} 2>&1; {e} logs {n} 2>&1 | grep -F {p} | tail -1", e=eng,
                            n=registry.CONTAINER_NAME, p=PROVISIONED_LOG), read=True, check=False, no_log=True)
             lines = _register_log_secrets(lg.stdout).splitlines()
             if ev["running"]:
                 script = "; ".join(f"if head -c1 {f} >/dev/null 2>&1; then echo '{f} ok'; else echo '{f} "
                                    f"DENIED'; fi" for f in MOUNTED)
-                x = h.run(cmd("docker exec {n} sh -c {s}", n=registry.CONTAINER_NAME, s=f"id -un 2>/dev/null; {script}"),
-                          read=True, check=False)
+                x = h.run(cmd("{e} exec {n} sh -c {s}", e=eng, n=registry.CONTAINER_NAME,
+                              s=f"id -un 2>/dev/null; {script}"), read=True, check=False)
                 files = {}
                 for line in x.stdout.splitlines()[1:]:
                     f, _, res = line.rpartition(" ")
                     files[f] = "ok" if res == "ok" else "cannot be read"
                 ev["files"] = files
-                ls = h.run(cmd("docker exec {n} ls -l /auth /certs", n=registry.CONTAINER_NAME), read=True, check=False)
+                ls = h.run(cmd("{e} exec {n} ls -l /auth /certs", e=eng, n=registry.CONTAINER_NAME), read=True,
+                           check=False)
                 ev["ls"] = ls.stdout.strip()
     else:
         old, running = registry.daemon_state(h) if not h.has_systemd() else (None, h.test(
@@ -1219,8 +1318,9 @@ def _registry_host_evidence(ctx, host: str) -> dict:
                 files[f] = "ok" if okr else "cannot be read by user docker-registry"
             ev["files"] = files
     _access_evidence(ctx, h, host, cfg, ev, lines)
-    se = h.run(Command("cat /sys/fs/selinux/enforce 2>/dev/null || echo absent"), read=True, check=False).stdout.strip()
-    ev["selinux"] = {"1": "enforcing", "0": "permissive"}.get(se, "absent")
+    se = h.run(Command("getenforce 2>/dev/null || cat /sys/fs/selinux/enforce 2>/dev/null || echo absent"), read=True,
+               check=False).stdout.strip()
+    ev["selinux"] = selinux_mode(se)
     ev["log_lines"] = [masking.mask(x[:300]) for x in lines]
     hits = [masking.mask(x[:300]) for x in lines
             if re.search(r"level=(error|fatal|panic)|panic:|permission denied|health", x, re.I)]
@@ -1494,6 +1594,8 @@ def _restart_registry(ctx, h):
     from . import registry
     if ctx.runtime == "docker":
         h.run(cmd("docker restart {n}", n=registry.CONTAINER_NAME))
+    elif ctx.runtime == "podman":
+        h.run(cmd("systemctl restart {u}", u=registry.PODMAN_UNIT))  # the unit owns the container
     else:
         h.run(cmd("systemctl restart docker-registry") if h.has_systemd() else
               cmd("pid=$(cat {p}) && kill \"$pid\" && for i in $(seq 50); do kill -0 \"$pid\" 2>/dev/null || "
@@ -1533,8 +1635,14 @@ def fix(ctx) -> list:
         cfg_rep = _sub(registry.configure(ctx))
         for host in hosts_cfg:
             h = ctx.host(host)
-            mount = any(f.cause == "mount-access" and f.where == host for f in todo)
-            if mount and ctx.runtime == "docker":
+            mount = any(f.cause in ("mount-access", "selinux-volume-label") and f.where == host for f in todo)
+            if mount and ctx.runtime == "podman":
+                # the unit as 04-registry makes it (root, its mounts, :Z where getenforce says so): drop the
+                # unit that runs otherwise, start() below generates it again
+                h.run(cmd("systemctl stop {u}; rm -f {p}; podman rm -f --ignore {n}", u=registry.PODMAN_UNIT,
+                          p=registry.PODMAN_UNIT_PATH, n=registry.CONTAINER_NAME))
+                done.append(f"{host}: registry unit and container re-created")
+            elif mount and ctx.runtime == "docker":
                 # the container as the runbook runs it; :z when SELinux enforces (the document: --privileged)
                 h.run(cmd("docker rm -f {n}", n=registry.CONTAINER_NAME))
                 ev = _state(ctx).get("registry", {}).get(host, {})
@@ -1542,7 +1650,8 @@ def fix(ctx) -> list:
                     h.run(add_selinux_label(registry.docker_run_argv(ctx, registry.config_hash(ctx))))
                 done.append(f"{host}: registry container re-created")
             elif cfg_rep.changed:
-                label_ok = ctx.runtime != "docker" or registry.docker_state(h)[0] == registry.config_hash(ctx)
+                state = {"docker": registry.docker_state, "podman": registry.podman_state}.get(ctx.runtime)
+                label_ok = state is None or state(h)[0] == registry.config_hash(ctx)
                 if label_ok:
                     _restart_registry(ctx, h)  # same start-time hash: start() alone would keep the old process
         _sub(registry.start(ctx))
@@ -1601,8 +1710,9 @@ def _fix_login(ctx) -> str:
     h = push.client_of(ctx)
     addr = _client_address(ctx)
     pw = _password_known(ctx)
-    if ctx.params.get("client", "docker") == "docker":
-        c = cmd("docker login {t} -u {u} --password-stdin", t=addr, u=ctx.registry_user)
+    if ctx.params.get("client", "docker") in ("docker", "podman"):
+        c = cmd("{e} login {t} -u {u} --password-stdin", e=ctx.params.get("client", "docker"), t=addr,
+                u=ctx.registry_user)
     else:
         c = cmd("skopeo login --authfile {a} -u {u} --password-stdin {t}", a=push.stored_login_path(ctx),
                 u=ctx.registry_user, t=addr)

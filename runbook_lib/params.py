@@ -28,7 +28,7 @@ CHOICES = {
     "method": ("packages", "ceph-deploy", "cephadm", "existing"),
     "storage": ("swift", "s3", "filesystem"),
     "runtime": ("docker", "podman", "systemd"),  # podman: RHEL/Rocky/Alma 8+, no docker
-    "client": ("docker", "skopeo"),
+    "client": ("docker", "podman", "skopeo"),
     "access": ("read", "write", "readwrite", "full"),
     "gc_mode": ("readonly", "stop"),
 }

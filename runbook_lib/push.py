@@ -3,9 +3,11 @@
 As the document: trust the CA where the client's engine looks
 (`/etc/docker/certs.d/HOST:PORT/ca.crt`), `docker login`, `docker tag`, `docker push`,
 then `rados --pool default.rgw.buckets.data ls` shows `docker/registry/v2/...` objects.
-Clients: docker (the control node's dockerd) or skopeo.  No image can be pulled in the
-lab, so the image is made locally: a tiny rootfs (busybox-static and one text file), tarred
-deterministically, `docker import`ed (docker) or laid out as an OCI image (skopeo).
+Clients: docker (the control node's dockerd), podman (RHEL/Rocky/Alma 8-9 and hardened Debian
+hosts ship it and no docker: `/etc/containers/certs.d/HOST:PORT/ca.crt`, `podman login
+--password-stdin`, `podman push --digestfile`) or skopeo.  No image can be pulled in the lab, so
+the image is made locally: a tiny rootfs (busybox-static and one text file), tarred
+deterministically, `docker import`ed / `podman import`ed, or laid out as an OCI image (skopeo).
 
 Public: `trust`, `make_image`, `login`, `push`, `verify`, `storage_objects`, `logout`, `check`.
 """
@@ -129,6 +131,29 @@ def explain(text: str, target: str, client: str) -> tuple[str, str, str] | None:
     return None
 
 
+CLIENT_PACKAGES = {  # what to install for a client (Debian/Ubuntu; RHEL/Rocky/Alma)
+    "docker": "docker.io (Debian/Ubuntu) or docker-ce; on RHEL/Rocky/Alma 8-9 use client=podman",
+    "podman": "podman (apt-get install podman / dnf install podman)",
+    "skopeo": "skopeo (apt-get install skopeo / dnf install skopeo)",
+}
+
+
+def client_problem(client: str, have: dict, rc: int, text: str) -> tuple[str, str]:
+    """(why, hint) when `client` does not work on a host; have: {program: installed?} of
+    docker/podman/skopeo there (what the host offers instead)."""
+    others = [c for c in ("docker", "podman", "skopeo") if c != client and have.get(c)]
+    if rc == 127 or not have.get(client, True):
+        why = f"{client} is not installed"
+        hint = f"install {CLIENT_PACKAGES[client]}"
+        if others:
+            hint += f", or use client={others[0]} (this host has {', '.join(others)})"
+        return why, hint
+    if client == "docker" and ("Cannot connect" in text or "docker daemon" in text):
+        return "cannot reach its daemon", "start dockerd there (systemctl start docker), or choose another client_host"
+    return "does not work", ("choose a client_host where the client works (local: the lab's control dockerd and "
+                             "skopeo), or another client (docker | podman | skopeo)")
+
+
 def error_for(reason: str):
     return {"tls-untrusted": TLSUntrusted, "tls-name": TLSNameMismatch, "tls": TLSUntrusted,
             "auth": AuthFailed, "unreachable": RegistryUnreachable}.get(reason, PushError)
@@ -154,6 +179,15 @@ def parse_push_digest(text: str) -> str | None:
     """`docker push` ends with 'TAG: digest: sha256:... size: N'."""
     found = DIGEST_IN_TEXT.findall(text or "")
     return found[-1] if found else None
+
+
+def podman_auth_path_script() -> str:
+    """Shell that prints podman's default auth file, as containers/image picks it:
+    $REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json, else /run/containers/UID/auth.json
+    (root through sudo: /run/containers/0/auth.json, a tmpfs: gone after a reboot)."""
+    return ('if [ -n "$REGISTRY_AUTH_FILE" ]; then printf %s "$REGISTRY_AUTH_FILE"; '
+            'elif [ -n "$XDG_RUNTIME_DIR" ]; then printf %s "$XDG_RUNTIME_DIR/containers/auth.json"; '
+            'else printf %s "/run/containers/$(id -u)/auth.json"; fi')
 
 
 def parse_pull_digest(text: str) -> str | None:
@@ -186,6 +220,15 @@ def oci_docs(layer_digest: str, layer_size: int, diff_id: str, tag: str, arch: s
         "annotations": {"org.opencontainers.image.ref.name": tag}}]})
     return {"config": config, "config_digest": cdig.encode(), "manifest": manifest,
             "manifest_digest": mdig.encode(), "index": index}
+
+
+def manifest_type(manifest: dict) -> str:
+    """The manifest's media type; OCI manifests may leave the field out (podman's do): then by its config."""
+    if manifest.get("mediaType"):
+        return manifest["mediaType"]
+    if "oci" in ((manifest.get("config") or {}).get("mediaType") or ""):
+        return "application/vnd.oci.image.manifest.v1+json"
+    return "?"
 
 
 def manifest_digests(manifest: dict) -> tuple[list[str], str | None]:
@@ -295,7 +338,7 @@ def _run_client(ctx, c: Command, *, what: str, timeout: float, stdin=None, read=
     why = explain(text, target(ctx), _p(ctx, "client", "docker"))
     if res.exit_code == 127:
         why = ("missing", f"{what}: the client program is not installed on {h.name}.",
-               "install it there (docker.io / skopeo), or choose another client_host")
+               "install it there (docker.io / podman / skopeo), or choose another client_host")
     if why is None:
         # a full disk shows as a 500 or as the registry dropping the upload mid-PATCH
         # ("connection reset by peer"): ask df, whatever the client said
@@ -389,26 +432,30 @@ def _ca_dirs(ctx) -> list[str]:
 
 
 def _preflight_client(ctx) -> None:
-    """The client must work on client_host before anything is written there."""
+    """The client must work on client_host before anything is written there; when it does not,
+    say which clients the host has (a RHEL-family host has podman and no docker)."""
     h, client = _client(ctx), _p(ctx, "client", "docker")
     if client == "docker":
         r = h.run(cmd("docker version --format {f}", f="{{.Server.Version}}"), read=True, check=False, timeout=30)
+    elif client == "podman":
+        r = h.run(cmd("podman version --format {f}", f="{{.Client.Version}}"), read=True, check=False, timeout=30)
     else:
         r = h.run(Command("skopeo --version"), read=True, check=False, timeout=30)
     if r.exit_code != 0:
-        why = ("is not installed" if r.exit_code == 127 else
-               "cannot reach its daemon" if "Cannot connect" in r.stderr else "does not work")
-        raise RunbookError(f"client_host {h.name}: {client} {why} ({(r.stderr or r.stdout).strip()[-300:]}); "
-                           "nothing was changed",
-                           "choose a client_host where the client works (local: the lab's control dockerd and "
-                           "skopeo), or another client (docker | skopeo)")
+        found = h.run(Command("for c in docker podman skopeo; do command -v $c >/dev/null 2>&1 && echo $c; done; true"),
+                      read=True, check=False).stdout.split()
+        have = {c: c in found for c in ("docker", "podman", "skopeo")}
+        why, hint = client_problem(client, have, r.exit_code, r.stderr + r.stdout)
+        raise RunbookError(f"client_host {h.name}: {why} ({(r.stderr or r.stdout).strip()[-300:]}); "
+                           f"this host has: {', '.join(c for c in have if have[c]) or 'no container client'}; "
+                           "nothing was changed", hint)
     fact("client", f"{client} {r.stdout.strip().split()[-1] if r.stdout.strip() else ''} on {h.name}".strip())
 
 
 @step("Trust the registry's CA on {ctx.params[client_host]} ({ctx.params[client]})")
 def trust(ctx):
     """Install the CA where the client's engine looks: docker -> /etc/docker/certs.d/HOST:PORT/ca.crt,
-    skopeo -> /etc/containers/certs.d/HOST:PORT/ca.crt (on client_host)."""
+    podman and skopeo -> /etc/containers/certs.d/HOST:PORT/ca.crt (on client_host)."""
     h = _client(ctx)
     _preflight_client(ctx)
     try:
@@ -455,29 +502,35 @@ def _build_rootfs(ctx, w: str) -> Result:
                             hint="the client host needs busybox (busybox-static) and GNU tar")
 
 
-def _make_docker_image(ctx):
-    h, image = _client(ctx), ctx.params["image_name"]
+def _engine(ctx) -> str:
+    """The program of an engine client (docker | podman): same verbs for import, tag, push, pull."""
+    return _p(ctx, "client", "docker")
+
+
+def _make_engine_image(ctx):
+    """docker import / podman import of the busybox rootfs (podman names it localhost/NAME:TAG)."""
+    h, image, eng = _client(ctx), ctx.params["image_name"], _engine(ctx)
     fmt = "{{.Id}}"
-    r = h.run(cmd("docker image inspect --format {f} {i}", f=fmt, i=image), read=True, check=False, timeout=60)
+    r = h.run(cmd("{e} image inspect --format {f} {i}", e=eng, f=fmt, i=image), read=True, check=False, timeout=60)
     if r.exit_code == 0:
         fact("image", f"{image} exists locally ({r.stdout.strip()[:19]})")
         note("already there: not rebuilt")
         return r.stdout.strip()
     if r.exit_code == 127:
         raise CommandFailed(h.name, r.command, r.exit_code, r.stdout, r.stderr,
-                            hint="docker is not installed on client_host: install docker.io or use client=skopeo")
+                            hint=f"{eng} is not installed on client_host: install {CLIENT_PACKAGES[eng]}")
     if "Cannot connect to the Docker daemon" in r.stderr or "permission denied" in r.stderr:
         raise CommandFailed(h.name, r.command, r.exit_code, r.stdout, r.stderr,
                             hint="start dockerd on the client host (the lab's control dockerd: lab up)")
     w = _workdir(ctx)
     h.run(cmd("mkdir -p {w}", w=w), changed=False)
     _build_rootfs(ctx, w)
-    h.run(cmd("docker import --change {c} --message {m} {t} {i}", c='CMD ["/bin/sh"]',
+    h.run(cmd("{e} import --change {c} --message {m} {t} {i}", e=eng, c='CMD ["/bin/sh"]',
               m="runbook 05-push stand-in", t=f"{w}/rootfs.tar", i=image), timeout=120)
     h.run(cmd("rm -f {t}", t=f"{w}/rootfs.tar"), changed=False)
     if ctx.dry_run:
         return None
-    r = h.run(cmd("docker image inspect --format {f} {i}", f=fmt, i=image), read=True, timeout=60)
+    r = h.run(cmd("{e} image inspect --format {f} {i}", e=eng, f=fmt, i=image), read=True, timeout=60)
     fact("image", f"{image} imported ({r.stdout.strip()[:19]})")
     return r.stdout.strip()
 
@@ -539,9 +592,9 @@ def _make_oci_image(ctx):
 
 @step("Make the image {ctx.params[image_name]} on {ctx.params[client_host]}")
 def make_image(ctx):
-    """A real image the lab can make without pulling: busybox rootfs, docker import / OCI layout."""
-    if _p(ctx, "client", "docker") == "docker":
-        return _make_docker_image(ctx)
+    """A real image the lab can make without pulling: busybox rootfs, docker/podman import / OCI layout."""
+    if _p(ctx, "client", "docker") in ("docker", "podman"):
+        return _make_engine_image(ctx)
     return _make_oci_image(ctx)
 
 
@@ -554,11 +607,25 @@ def _authfile(ctx) -> str:
     return f"{_workdir(ctx)}/auth.json"
 
 
+def _podman_auth_path(ctx) -> str:
+    """podman's own auth file on client_host (what a later `podman pull` by hand uses too)."""
+    m = _mem(ctx)
+    if "podman_auth" not in m:
+        m["podman_auth"] = _client(ctx).run(cmd("sh -c {s}", s=podman_auth_path_script()), read=True).stdout.strip()
+    return m["podman_auth"]
+
+
+def _login_path(ctx) -> str:
+    client = _p(ctx, "client", "docker")
+    return (_docker_config_path(ctx) if client == "docker" else _podman_auth_path(ctx) if client == "podman"
+            else _authfile(ctx))
+
+
 @step("Log in to {ctx.params[registry_host]}:{ctx.params[registry_port]} as {ctx.params[registry_user]}")
 def login(ctx):
-    """docker login HOST:PORT -u USER --password-stdin (writes ~/.docker/config.json), or
-    skopeo login --authfile <workdir>/auth.json (0600).  Skipped when the stored credentials
-    are already the current ones."""
+    """docker login HOST:PORT -u USER --password-stdin (writes ~/.docker/config.json), podman login
+    (its own auth file: as root /run/containers/0/auth.json), or skopeo login --authfile
+    <workdir>/auth.json (0600).  Skipped when the stored credentials are already the current ones."""
     h, t, user = _client(ctx), target(ctx), ctx.params["registry_user"]
     pw = _password(ctx)
     if not pw and ctx.dry_run:
@@ -569,44 +636,46 @@ def login(ctx):
         raise RunbookError("no registry password known",
                            "set env REGISTRY_PASSWORD or run 04-registry first (same state_dir)")
     masking.register(pw, derived_for_user=user)  # the base64 in config.json is masked too
-    docker = _p(ctx, "client", "docker") == "docker"
-    path = _docker_config_path(ctx) if docker else _authfile(ctx)
+    client = _p(ctx, "client", "docker")
+    path = _login_path(ctx)
     fact("credentials file", path)
     if stored_auth(h.read_file(path), t) == auth_b64(user, pw):
         api(ctx, "GET", "/v2/")  # and the registry still accepts them (401 -> AuthFailed)
         note(f"{path} already holds the current credentials for {t}, and the registry accepts them: no new login.")
         return path
-    if docker:
-        c = cmd("docker login {t} -u {u} --password-stdin", t=t, u=user)
+    if client in ("docker", "podman"):
+        c = cmd("{e} login {t} -u {u} --password-stdin", e=client, t=t, u=user)
     else:
         h.run(cmd("mkdir -p {w}", w=_workdir(ctx)), changed=False)
         c = cmd("skopeo login --authfile {a} -u {u} --password-stdin {t}", a=path, u=user, t=t)
     _run_client(ctx, c, what="login", timeout=TIMEOUT_LOGIN, stdin=pw + "\n")
-    if not docker:
+    if client == "skopeo":
         h.run(cmd("chmod 600 {a}", a=path), changed=False)
     note(f"Login Succeeded: {path} now holds base64(user:password) for {t} (shown here as ****).")
     return path
 
 
-def _tag_docker(ctx) -> None:
-    h, image, ref = _client(ctx), ctx.params["image_name"], remote_ref(ctx)
+def _tag_engine(ctx) -> None:
+    h, image, ref, eng = _client(ctx), ctx.params["image_name"], remote_ref(ctx), _engine(ctx)
     fmt = "{{.Id}}"
-    src = h.run(cmd("docker image inspect --format {f} {i}", f=fmt, i=image), read=True, check=False).stdout.strip()
-    dst = h.run(cmd("docker image inspect --format {f} {i}", f=fmt, i=ref), read=True, check=False).stdout.strip()
+    src = h.run(cmd("{e} image inspect --format {f} {i}", e=eng, f=fmt, i=image), read=True, check=False).stdout.strip()
+    dst = h.run(cmd("{e} image inspect --format {f} {i}", e=eng, f=fmt, i=ref), read=True, check=False).stdout.strip()
     if src and src == dst:
         fact("tag", f"{ref} (already on {src[:19]})")
         return
-    h.run(cmd("docker tag {a} {b}", a=image, b=ref))
+    h.run(cmd("{e} tag {a} {b}", e=eng, a=image, b=ref))
     fact("tag", ref)
 
 
-def _pushed_by_docker(ctx, reg_digest: str | None) -> bool:
-    """Does the local image already know the registry's digest (it pushed exactly that)?"""
+def _pushed_already(ctx, reg_digest: str | None) -> bool:
+    """Does the local image already know the registry's digest (it pushed, or pulled back, exactly
+    that)?  docker records it on push; podman on pull (05's pull back), and it also lists every name
+    of the image with the digest of its local manifest — which then names this very image too."""
     if not reg_digest:
         return False
     repo, _ = split_image(ctx.params["image_name"])
-    r = _client(ctx).run(cmd("docker image inspect --format {f} {i}", f="{{json .RepoDigests}}", i=remote_ref(ctx)),
-                         read=True, check=False)
+    r = _client(ctx).run(cmd("{e} image inspect --format {f} {i}", e=_engine(ctx), f="{{json .RepoDigests}}",
+                             i=remote_ref(ctx)), read=True, check=False)
     try:
         known = json.loads(r.stdout or "[]") or []
     except ValueError:
@@ -616,8 +685,9 @@ def _pushed_by_docker(ctx, reg_digest: str | None) -> bool:
 
 @step("Push {ctx.params[image_name]} to {ctx.params[registry_host]}:{ctx.params[registry_port]}")
 def push(ctx):
-    """docker tag + docker push (digest from 'digest: sha256:...'), or skopeo copy oci:... docker://...
-    (--digestfile).  Nothing is pushed when the registry already has the tag at that digest."""
+    """docker tag + docker push (digest from 'digest: sha256:...'), podman tag + podman push
+    --digestfile (podman prints no digest), or skopeo copy oci:... docker://... (--digestfile).
+    Nothing is pushed when the registry already has the tag at that digest."""
     h, ref, m = _client(ctx), remote_ref(ctx), _mem(ctx)
     client = _p(ctx, "client", "docker")
     try:
@@ -629,13 +699,14 @@ def push(ctx):
         mark_changed()
         return None
     fact("registry had", reg or "nothing under that tag")
-    if client == "docker":
-        _tag_docker(ctx)
-        if _pushed_by_docker(ctx, reg):
+    if client in ("docker", "podman"):
+        _tag_engine(ctx)
+        if _pushed_already(ctx, reg):
             note("the registry already has this image at that digest: not pushed again.")
             m["client_digest"] = reg
             fact("digest", reg)
             return reg
+    if client == "docker":
         res = _run_client(ctx, cmd("docker push {r}", r=ref), what="docker push", timeout=TIMEOUT_PUSH)
         if res.skipped:
             return None
@@ -645,6 +716,20 @@ def push(ctx):
         layers = re.findall(r"^([0-9a-f]{12}): (Pushed|Layer already exists|Mounted from .*)$", res.stdout, re.M)
         for lid, what in layers:
             row(layer=lid, result=what)
+    elif client == "podman":
+        w = _workdir(ctx)
+        df = f"{w}/pushed.digest"
+        h.run(cmd("mkdir -p {w}", w=w), changed=False)
+        res = _run_client(ctx, cmd("podman push --digestfile {df} {r}", df=df, r=ref), what="podman push",
+                          timeout=TIMEOUT_PUSH)
+        if res.skipped:
+            return None
+        digest = (h.read_file(df) or b"").decode().strip()
+        if not digest.startswith("sha256:"):
+            raise CheckFailed(f"podman push wrote no digest to {df}:\n{(res.stdout + res.stderr)[-800:]}")
+        for line in (res.stdout + res.stderr).splitlines():  # podman reports progress on stderr
+            if line.startswith(("Copying blob", "Copying config")):
+                row(action=line.strip()[:80])
     else:
         want = _oci_manifest_digest(ctx)
         if want and reg == want:
@@ -700,14 +785,14 @@ def verify(ctx):
         raise CheckFailed(f"the registry serves {repo}:{tag} at {digest}, the client pushed {want}",
                           hint="another push to the same tag happened in between; run again")
     layers, config = manifest_digests(manifest or {})
-    fact("manifest", f"{(manifest or {}).get('mediaType', '?')}, {len(layers)} layer(s)")
+    fact("manifest", f"{manifest_type(manifest or {})}, {len(layers)} layer(s)")
     for b in layers + ([config] if config else []):
         code = api(ctx, "HEAD", f"/v2/{repo}/blobs/{b}").status_code
         row(blob=b[:19] + "…", role="config" if b == config else "layer", http=code)
         if code != 200:
             raise CheckFailed(f"blob {b} of {repo}:{tag}: HTTP {code}")
     _note_skopeo_cache(ctx)
-    pulled = _pull_back(ctx)
+    pulled = _pull_back(ctx, want)
     _cleanup_skopeo_cache(ctx)
     fact("pulled back", pulled)
     if pulled != want:
@@ -716,11 +801,22 @@ def verify(ctx):
     return {"digest": digest, "layers": layers, "config": config}
 
 
-def _pull_back(ctx) -> str | None:
+def _pull_back(ctx, want: str | None = None) -> str | None:
     h, ref = _client(ctx), remote_ref(ctx)
-    if _p(ctx, "client", "docker") == "docker":
+    client = _p(ctx, "client", "docker")
+    if client == "docker":
         res = _run_client(ctx, cmd("docker pull {r}", r=ref), what="docker pull", timeout=TIMEOUT_PUSH, read=True)
         return parse_pull_digest(res.stdout)
+    if client == "podman":
+        # podman pull prints no digest: pull by tag (as a user does), then by the pushed digest,
+        # which podman refuses unless the manifest the registry serves hashes to it
+        _run_client(ctx, cmd("podman pull {r}", r=ref), what="podman pull", timeout=TIMEOUT_PUSH, read=True)
+        if not want:
+            return None
+        by_digest = f"{ref.rpartition(':')[0]}@{want}"
+        _run_client(ctx, cmd("podman pull {r}", r=by_digest), what="podman pull by digest", timeout=TIMEOUT_PUSH,
+                    read=True)
+        return want
     w = _workdir(ctx)
     d = f"{w}/pulled"
     c = cmd("rm -rf {d} && env TMPDIR={w} skopeo copy --authfile {a} {src} {dst} && skopeo manifest-digest {mf}",
@@ -742,8 +838,10 @@ def _storage(ctx) -> dict:
     if "storage" in m:
         return m["storage"]
     h = ctx.host(P.as_list(ctx.params["registry_host"])[0])
+    from . import registry
     mounts = {}
-    r = h.run(cmd("docker inspect --format {f} registry",
+    eng = registry.container_engine(h)  # docker's or podman's (runtime=podman) container: the same mounts
+    r = h.run(cmd("{e} inspect --format {f} {n}", e=eng or "docker", n=registry.CONTAINER_NAME,
                   f="{{range .Mounts}}{{.Destination}}={{.Source}}\n{{end}}"), read=True, check=False, timeout=30)
     if r.exit_code == 0:
         for line in r.stdout.splitlines():
@@ -865,17 +963,19 @@ def _short(rows: list[dict]) -> list[dict]:
 
 @step("Log out of {ctx.params[registry_host]}:{ctx.params[registry_port]}")
 def logout(ctx):
-    """With logout=True: remove the stored credentials (docker logout / skopeo logout)."""
+    """With logout=True: remove the stored credentials (docker logout / podman logout / skopeo logout)."""
     if not _p(ctx, "logout", False):
-        note("logout=False: the credentials stay in the client's auth file (docker: ~/.docker/config.json).")
+        note("logout=False: the credentials stay in the client's auth file (docker: ~/.docker/config.json, "
+             "podman: its auth.json, skopeo: the state dir's).")
         return None
     h, t = _client(ctx), target(ctx)
-    docker = _p(ctx, "client", "docker") == "docker"
-    path = _docker_config_path(ctx) if docker else _authfile(ctx)
+    client = _p(ctx, "client", "docker")
+    path = _login_path(ctx)
     if not stored_auth(h.read_file(path), t):
         note(f"{path} holds no credentials for {t}.")
         return None
-    c = cmd("docker logout {t}", t=t) if docker else cmd("skopeo logout --authfile {a} {t}", a=path, t=t)
+    c = (cmd("{e} logout {t}", e=client, t=t) if client in ("docker", "podman")
+         else cmd("skopeo logout --authfile {a} {t}", a=path, t=t))
     h.run(c, timeout=30)
     return path
 
@@ -939,5 +1039,6 @@ def client_of(ctx):
 
 def stored_login_path(ctx) -> str:
     """Where the client keeps its login for the registry: docker's config.json
-    (${DOCKER_CONFIG:-$HOME/.docker}/config.json on client_host), or skopeo's authfile of 05-push."""
-    return _docker_config_path(ctx) if _p(ctx, "client", "docker") == "docker" else _authfile(ctx)
+    (${DOCKER_CONFIG:-$HOME/.docker}/config.json on client_host), podman's auth file (as root
+    /run/containers/0/auth.json), or skopeo's authfile of 05-push."""
+    return _login_path(ctx)

@@ -59,6 +59,63 @@ def test_add_selinux_label():
     assert faq.add_selinux_label(a) == ["docker", "run", "-v", "/opt/a:/a:z", "-v", "/opt/b:/b:ro", "registry:2"]
 
 
+# HostConfig.Binds as `podman inspect` shows them (podman 4.3; a :Z mount keeps Z in its options)
+PODMAN_BINDS = ["/opt/k8s/registry/config.yml:/etc/docker/registry/config.yml:rw,rprivate,rbind",
+                "/opt/k8s/registry/auth:/auth:rw,rprivate,rbind", "/opt/k8s/registry/certs:/certs:rw,rprivate,rbind"]
+LABELLED = [b.replace(":rw,", ":Z,rw,") for b in PODMAN_BINDS]
+# the registry's own lines when SELinux denies it its mounts (it runs as root: only a label refuses it)
+DENIED_CERTS = ['time="2026-12-01T11:39:13Z" level=fatal msg="open /certs/registry.pem: permission denied"']
+DENIED_CONFIG = ["configuration error: open /etc/docker/registry/config.yml: permission denied"]
+
+
+def test_parse_binds_and_selinux_mode():
+    b = faq.parse_binds(LABELLED + ["vol123:/var/lib/registry:rprivate,rw,nodev", "/x:/y"])
+    assert b[2] == {"source": "/opt/k8s/registry/certs", "destination": "/certs", "options": ["Z", "rw", "rprivate",
+                                                                                               "rbind"]}
+    assert b[-1] == {"source": "/x", "destination": "/y", "options": []}
+    assert [faq.selinux_mode(x) for x in ("Enforcing\n", "Permissive", "Disabled", "1", "0", "absent", "", None)] == \
+        ["enforcing", "permissive", "disabled", "enforcing", "permissive", "absent", "absent", "absent"]
+
+
+@pytest.mark.parametrize("selinux, binds, logs, denied, want", [
+    ("enforcing", PODMAN_BINDS, DENIED_CERTS, [], ["/certs"]),                 # the document's 503, podman's words
+    ("enforcing", PODMAN_BINDS, DENIED_CONFIG, [], ["/etc/docker/registry/config.yml"]),
+    ("enforcing", PODMAN_BINDS, [], ["/auth/htpasswd"], ["/auth"]),            # seen by podman exec, not logged
+    ("enforcing", LABELLED, DENIED_CERTS, [], None),    # labelled: SELinux is not why (file modes, user)
+    ("permissive", PODMAN_BINDS, DENIED_CERTS, [], None),  # permissive only logs: the denial is not SELinux's
+    ("absent", PODMAN_BINDS, DENIED_CERTS, [], None),      # Debian: no SELinux at all (the lab)
+    ("enforcing", PODMAN_BINDS, ["open /var/lib/other: permission denied"], [], None),  # not a mount of ours
+])
+def test_selinux_label_problem(selinux, binds, logs, denied, want):
+    got = faq.selinux_label_problem(selinux, faq.parse_binds(binds), logs, denied)
+    assert (got and got["mounts"]) == want
+
+
+def test_classify_names_the_selinux_label_with_podmans_fix():
+    reg = _healthy_reg(running=False, files={}, state="no container named registry; container-registry.service failed",
+                       log_lines=DENIED_CERTS, selinux="enforcing", runtime="podman",
+                       binds=faq.parse_binds(PODMAN_BINDS))
+    f = faq.classify(_ev(registry={"g": reg}))
+    assert [x.cause for x in f] == ["selinux-volume-label"] and f[0].fixable
+    assert ":Z" in f[0].fix and "not the document's --privileged" in f[0].fix and "/certs" in " ".join(f[0].evidence)
+    # docker's Binds have no options unless given: the runbook's docker fix relabels with :z
+    docker = dict(reg, runtime="docker", binds=faq.parse_binds([b.split(":rw")[0] for b in PODMAN_BINDS]))
+    f = faq.classify(_ev(registry={"g": docker}))
+    assert [x.cause for x in f] == ["selinux-volume-label"] and ":z on every -v" in f[0].fix
+    # the same log on a host without SELinux: a plain mount-access, fixed by running the container as 04 does
+    reg.update(selinux="absent")
+    f = faq.classify(_ev(registry={"g": reg}))
+    assert [x.cause for x in f] == ["mount-access"] and ":Z" in f[0].fix and "--privileged" in f[0].fix
+
+
+def test_classify_a_runtime_given_wrong_is_not_fixed_by_starting_another_registry():
+    mism = {"engine": "podman", "text": "podman on g runs container registry; this run says runtime=docker"}
+    f = faq.classify(_ev(registry={"g": _healthy_reg(running=False, state="no container named registry",
+                                                     runtime_mismatch=mism)}))
+    assert [x.cause for x in f] == ["registry-down"] and not f[0].fixable
+    assert "-p runtime podman" in f[0].fix and mism["text"] in f[0].evidence
+
+
 def test_hint_for_names_the_notebook_and_the_hosts():
     h = faq.hint_for("04-registry", {"rgw_host": "10.0.0.2", "rgw_port": 7480, "registry_host": ["a", "b"],
                                      "storage": "s3", "state_dir": ""})

@@ -59,6 +59,47 @@ def test_explain_names_the_certs_path():
     assert P.explain("something else", TARGET, "docker") is None
 
 
+# what podman 4.3 printed on the lab (pc1 pushing to a registry on pc2)
+PODMAN_X509 = ('Error: initializing source docker://198.18.0.171:8000/exp/test:v1: pinging container registry '
+               '198.18.0.171:8000: Get "https://198.18.0.171:8000/v2/": x509: certificate signed by unknown authority')
+PODMAN_401 = 'Error: logging into "198.18.0.171:8000": invalid username/password'
+
+
+def test_explain_podman_texts():
+    reason, msg, hint = P.explain(PODMAN_X509, TARGET, "podman")
+    assert reason == "tls-untrusted" and "podman does not trust" in msg
+    assert f"/etc/containers/certs.d/{TARGET}/ca.crt" in hint
+    assert P.explain(PODMAN_401, TARGET, "podman")[0] == "auth"
+
+
+def test_client_problem_names_what_the_host_has():
+    # a RHEL-style host: podman, no docker -> install docker.io or use client=podman
+    why, hint = P.client_problem("docker", {"docker": False, "podman": True, "skopeo": False}, 127, "not found")
+    assert why == "docker is not installed" and "client=podman" in hint and "docker.io" in hint
+    why, hint = P.client_problem("podman", {"docker": True, "podman": False, "skopeo": True}, 127, "")
+    assert "podman is not installed" in why and "apt-get install podman" in hint and "client=docker" in hint
+    why, hint = P.client_problem("docker", {"docker": True}, 1, "Cannot connect to the Docker daemon")
+    assert "daemon" in why and "systemctl start docker" in hint
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, f"/run/containers/{os.getuid()}/auth.json"),
+    ({"XDG_RUNTIME_DIR": "/run/user/1000"}, "/run/user/1000/containers/auth.json"),
+    ({"XDG_RUNTIME_DIR": "/run/user/1000", "REGISTRY_AUTH_FILE": "/etc/auth.json"}, "/etc/auth.json"),
+])
+def test_podman_auth_path_as_containers_image_picks_it(env, want):
+    base = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "REGISTRY_AUTH_FILE")}
+    out = subprocess.run(["sh", "-c", P.podman_auth_path_script()], env={**base, **env}, capture_output=True,
+                         text=True).stdout
+    assert out == want
+
+
+def test_manifest_type_of_an_oci_manifest_without_the_field():
+    podman = {"schemaVersion": 2, "config": {"mediaType": "application/vnd.oci.image.config.v1+json"}, "layers": []}
+    assert P.manifest_type(podman) == "application/vnd.oci.image.manifest.v1+json"
+    assert P.manifest_type({"mediaType": P.MANIFEST_TYPES[0]}) == P.MANIFEST_TYPES[0]
+
+
 def test_stored_auth_and_digests():
     cfg = json.dumps({"auths": {TARGET: {"auth": P.auth_b64("foo", "pw123456")}}})
     assert P.stored_auth(cfg, TARGET) == base64.b64encode(b"foo:pw123456").decode()
