@@ -51,6 +51,10 @@ def execute(notebook, params: dict, *, name: str | None = None, runs_dir=None, o
         print(f"runbook: no such notebook: {notebook}", file=sys.stderr)
         return 2
     name = name or notebook.stem
+    from .engine import SECRET_PARAM_RE
+    for k, v in params.items():  # -p registry_password ...: masked in run.json too, not only in the notebook
+        if SECRET_PARAM_RE.search(k) and isinstance(v, str) and len(v) >= masking.MIN_LEN:
+            masking.register(v)
     run = records.Run.create(name, runs_dir, params=params, prefer_repo=True)
     print(f"run folder: {run.path}", file=out, flush=True)
     saved = {k: os.environ.get(k) for k in run.env()}
