@@ -68,6 +68,8 @@ def execute(notebook, params: dict, *, name: str | None = None, runs_dir=None, o
                                     cwd=str(notebook.parent), progress_bar=False, log_output=True)
             except PapermillExecutionError as e:
                 error = f"{e.ename}: {e.evalue}"
+            except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM: stop waiting, still write the records
+                error = f"interrupted (KeyboardInterrupt: {e})"
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
             error = masking.mask(error) if error else None
@@ -147,6 +149,11 @@ def main(argv=None) -> int:
         from . import ui
         return ui.main(argv[1:]) or 0
     args = ap.parse_args(argv)
+    import signal
+    # SIGTERM (a CI timeout, systemd, kill) as Ctrl-C: while a notebook runs the engine passes it to
+    # the kernel (the running cell fails, the records are written); otherwise it unwinds through
+    # the finally blocks instead of killing the process where it stands.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     import logging
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # the notebook's own output, without papermill's per-cell banners

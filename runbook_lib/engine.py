@@ -239,9 +239,20 @@ class ScrubbingClient(PapermillNotebookClient):
             super().log_output_message(_scrub(nbformat.v4.new_output("stream", name=name, text=text),
                                               self._values()))
 
-    def execute_cell(self, *args, **kwargs):
+    interrupted = None  # the signal forward_interrupts passed on to the kernel
+
+    def execute_cell(self, cell, *args, **kwargs):
+        if self.interrupted is not None and cell.get("cell_type") == "code":
+            # the interrupt reached the kernel between two cells (an idle kernel ignores it): this
+            # cell does not run, and fails as the interrupted one, so nothing runs after it
+            import nbformat
+            from nbclient.exceptions import CellExecutionError
+            why = f"signal {self.interrupted} before this cell ran; no cell after it ran"
+            cell.setdefault("outputs", []).append(nbformat.v4.new_output(
+                "error", ename="KeyboardInterrupt", evalue=why, traceback=[f"KeyboardInterrupt: {why}"]))
+            raise CellExecutionError(f"KeyboardInterrupt: {why}", "KeyboardInterrupt", why)
         try:
-            return super().execute_cell(*args, **kwargs)
+            return super().execute_cell(cell, *args, **kwargs)
         finally:
             self._flush_lines()
 
@@ -308,6 +319,7 @@ def forward_interrupts(client):
 
     def forward(signum, frame):
         count[0] += 1
+        client.interrupted = signum
         prov = getattr(client.km, "provisioner", None) if client.km is not None else None
         pgid, pid = getattr(prov, "pgid", None), getattr(prov, "pid", None)
         if count[0] == 1 and (pgid or pid):
