@@ -51,6 +51,9 @@ def execute(notebook, params: dict, *, name: str | None = None, runs_dir=None, o
         print(f"runbook: no such notebook: {notebook}", file=sys.stderr)
         return 2
     name = name or notebook.stem
+    # nbconvert's imports (~0.3 s) while the notebook runs, not after it (the HTML is the last step)
+    import threading
+    threading.Thread(target=lambda: __import__("nbconvert").HTMLExporter, daemon=True).start()
     from .engine import SECRET_PARAM_RE
     for k, v in params.items():  # -p registry_password ...: masked in run.json too, not only in the notebook
         if SECRET_PARAM_RE.search(k) and isinstance(v, str) and len(v) >= masking.MIN_LEN:
