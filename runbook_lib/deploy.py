@@ -443,6 +443,8 @@ def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> Dep
             recs.wait()
             _finish(report, owner, error="interrupted (SIGINT/SIGTERM) between sections")
             raise
+        if kernel:
+            kernel.stop()  # its shut-down beside the last HTML (the ExitStack joins it)
         recs.wait()
     return report
 

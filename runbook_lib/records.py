@@ -2,7 +2,7 @@
 
     runs/<UTC time>-<name>/
         <section>.ipynb, <section>.html   executed notebooks (secrets scrubbed) and their offline HTML
-        <section>.verdict.json            written by ctx.verdict() in each section's kernel
+        <section>.verdict.json            written by ctx.verdict() in the section's kernel
         journal.jsonl                     every command on every host (masked), from the kernels
         kernel.log                        the sections' kernel's own stderr (deploy runs; scrubbed)
         run.json                          parameters (masked), who/where, times, verdicts, commands, versions
