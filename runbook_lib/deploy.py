@@ -373,6 +373,12 @@ def run_section(notebook, run: records.Run, params: dict, *, timeout: float | No
     return res
 
 
+def _kernel_name(notebook) -> str:
+    """The kernel the sections declare (the first one's kernelspec; they all use python3)."""
+    spec = json.loads(pathlib.Path(notebook).read_text()).get("metadata", {}).get("kernelspec", {})
+    return spec.get("name") or "python3"
+
+
 def _stack_dumps(run_) -> None:
     """kill -USR1 <kernel pid> writes every thread's stack to <run>/stacks.txt (a stuck run)."""
     import faulthandler
@@ -410,7 +416,7 @@ def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> Dep
     print(f"run folder: {run_.path}")
     with mask_session(ctx.state_dir), contextlib.ExitStack() as stack:
         recs = Records(run_)
-        kernel = SectionKernel(todo[0].parent, run_.path / "kernel.log") if todo else None
+        kernel = SectionKernel(todo[0].parent, run_.path / "kernel.log", _kernel_name(todo[0])) if todo else None
         if kernel:
             stack.callback(lambda: (kernel.stop(wait=True), kernel.scrub_log()))  # none left behind
             kernel.prewarm()
