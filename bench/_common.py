@@ -23,8 +23,10 @@ from runbook_lib import lab  # noqa: E402
 
 LAB = {"rgw_host": "198.18.0.2", "rgw_port": 7480, "ssh_key": str(lab.SSH_KEY), "known_hosts": str(lab.KNOWN_HOSTS)}
 HOST, ADDR = os.environ.get("BENCH_HOST", "benchreg"), os.environ.get("BENCH_ADDR", "198.18.0.70")
-UID = "bench"
-CONTAINER = "bench-registry"  # RGW bucket names are global: "registry" belongs to the shared demo user
+# RGW bucket names are global: "registry" belongs to the shared demo user; BENCH_UID / BENCH_CONTAINER keep
+# two engineers' bench runs on one lab apart
+UID = os.environ.get("BENCH_UID", "bench")
+CONTAINER = os.environ.get("BENCH_CONTAINER", "bench-registry")
 IMAGE = "bench/hello:v1"
 PORT = 8000
 

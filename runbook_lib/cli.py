@@ -51,6 +51,13 @@ def execute(notebook, params: dict, *, name: str | None = None, runs_dir=None, o
         print(f"runbook: no such notebook: {notebook}", file=sys.stderr)
         return 2
     name = name or notebook.stem
+    # nbconvert's imports (~0.3 s) while the notebook runs, not after it (the HTML is the last step)
+    import threading
+    threading.Thread(target=lambda: __import__("nbconvert").HTMLExporter, daemon=True).start()
+    from .engine import SECRET_PARAM_RE
+    for k, v in params.items():  # -p registry_password ...: masked in run.json too, not only in the notebook
+        if SECRET_PARAM_RE.search(k) and isinstance(v, str) and len(v) >= masking.MIN_LEN:
+            masking.register(v)
     run = records.Run.create(name, runs_dir, params=params, prefer_repo=True)
     print(f"run folder: {run.path}", file=out, flush=True)
     saved = {k: os.environ.get(k) for k in run.env()}
@@ -64,6 +71,8 @@ def execute(notebook, params: dict, *, name: str | None = None, runs_dir=None, o
                                     cwd=str(notebook.parent), progress_bar=False, log_output=True)
             except PapermillExecutionError as e:
                 error = f"{e.ename}: {e.evalue}"
+            except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM: stop waiting, still write the records
+                error = f"interrupted (KeyboardInterrupt: {e})"
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
             error = masking.mask(error) if error else None
@@ -143,6 +152,11 @@ def main(argv=None) -> int:
         from . import ui
         return ui.main(argv[1:]) or 0
     args = ap.parse_args(argv)
+    import signal
+    # SIGTERM (a CI timeout, systemd, kill) as Ctrl-C: while a notebook runs the engine passes it to
+    # the kernel (the running cell fails, the records are written); otherwise it unwinds through
+    # the finally blocks instead of killing the process where it stands.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     import logging
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # the notebook's own output, without papermill's per-cell banners

@@ -164,6 +164,7 @@ def begin(section: str, namespace: dict, reach: bool = True) -> Context:
     """Validate a notebook's parameters and start the section.  Raises
     ParameterError listing every problem, before any host is touched."""
     global _current
+    steps.reset()
     params, unknown = P.collect(namespace)
     annotations = namespace.get("__annotations__", {})
     problems = P.check(params, annotations, unknown, reach=reach)

@@ -150,12 +150,22 @@ def scrub_in_place(nb, values) -> None:
         nb[key] = v
 
 
-class ScrubbingExecutionManager(NotebookExecutionManager):
-    """papermill's manager whose every save writes a scrubbed copy."""
+# While cells succeed, the executed notebook is saved at most this often (papermill saves it at the
+# start and the end of every cell: ~100 scrubbed copies per deploy).  A failed cell, an interrupt and
+# the end of the notebook are always saved at once; this bounds only what a SIGKILL can lose.
+AUTOSAVE_SECONDS = 5.0
 
-    def __init__(self, nb, *, secrets_state_dir: str | None = None, mask_file: str | None = None, **kw):
+
+class ScrubbingExecutionManager(NotebookExecutionManager):
+    """papermill's manager whose every save writes a scrubbed copy; saves at the end, on a failed
+    cell, and every AUTOSAVE_SECONDS in between (per_cell=True: papermill's save per cell)."""
+
+    def __init__(self, nb, *, secrets_state_dir: str | None = None, mask_file: str | None = None,
+                 per_cell: bool = False, **kw):
         self.secrets_state_dir = secrets_state_dir
         self.mask_file = mask_file
+        self.per_cell = per_cell
+        self._hold = False
         super().__init__(nb, **kw)
 
     def secret_values(self):
@@ -165,10 +175,40 @@ class ScrubbingExecutionManager(NotebookExecutionManager):
         nb = kwargs.get("nb")
         if nb:
             self.nb = nb
+        if self._hold:
+            return
         if self.output_path:
             from papermill.iorw import write_ipynb
             write_ipynb(scrub_notebook(self.nb, self.secret_values()), self.output_path)
         self.last_save_time = self.now()
+
+    @contextlib.contextmanager
+    def _held(self):
+        self._hold = not self.per_cell
+        try:
+            yield
+        finally:
+            self._hold = False
+
+    def cell_start(self, cell, cell_index=None, **kwargs):
+        with self._held():
+            super().cell_start(cell, cell_index, **kwargs)
+        if not self.per_cell:
+            self._due()
+
+    def cell_complete(self, cell, cell_index=None, **kwargs):
+        with self._held():
+            super().cell_complete(cell, cell_index, **kwargs)
+        if self.per_cell:
+            return
+        if cell.get("metadata", {}).get("papermill", {}).get("exception"):
+            self.save()  # the failing cell, with its traceback, before anything else happens
+        else:
+            self._due()
+
+    def _due(self):
+        if (self.now() - self.last_save_time).total_seconds() >= AUTOSAVE_SECONDS:
+            self.save()
 
 
 class ScrubbingClient(PapermillNotebookClient):
@@ -199,9 +239,20 @@ class ScrubbingClient(PapermillNotebookClient):
             super().log_output_message(_scrub(nbformat.v4.new_output("stream", name=name, text=text),
                                               self._values()))
 
-    def execute_cell(self, *args, **kwargs):
+    interrupted = None  # the signal forward_interrupts passed on to the kernel
+
+    def execute_cell(self, cell, *args, **kwargs):
+        if self.interrupted is not None and cell.get("cell_type") == "code":
+            # the interrupt reached the kernel between two cells (an idle kernel ignores it): this
+            # cell does not run, and fails as the interrupted one, so nothing runs after it
+            import nbformat
+            from nbclient.exceptions import CellExecutionError
+            why = f"signal {self.interrupted} before this cell ran; no cell after it ran"
+            cell.setdefault("outputs", []).append(nbformat.v4.new_output(
+                "error", ename="KeyboardInterrupt", evalue=why, traceback=[f"KeyboardInterrupt: {why}"]))
+            raise CellExecutionError(f"KeyboardInterrupt: {why}", "KeyboardInterrupt", why)
         try:
-            return super().execute_cell(*args, **kwargs)
+            return super().execute_cell(cell, *args, **kwargs)
         finally:
             self._flush_lines()
 
@@ -250,6 +301,40 @@ def mask_session(state_dir: str):
                 masking.register(v)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+@contextlib.contextmanager
+def forward_interrupts(client):
+    """While a notebook runs, SIGINT or SIGTERM to this process interrupts the notebook's kernel
+    instead of tearing down the client: the running cell fails with KeyboardInterrupt, papermill
+    marks it and runs no further cell, and the notebook, its HTML and run.json are written as for
+    any failure.  (A deploy's kernel does the same for its section's kernel, so the interrupt
+    reaches the cell that is running.)  A second signal stops waiting (KeyboardInterrupt here)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    count = [0]
+
+    def forward(signum, frame):
+        count[0] += 1
+        client.interrupted = signum
+        prov = getattr(client.km, "provisioner", None) if client.km is not None else None
+        pgid, pid = getattr(prov, "pgid", None), getattr(prov, "pid", None)
+        if count[0] == 1 and (pgid or pid):
+            # a plain signal: no event loop call from a handler that may run inside one
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGINT) if pgid else os.kill(pid, signal.SIGINT)
+                return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def notebook_state_dir(params: dict) -> str:
@@ -379,18 +464,23 @@ class RunbookEngine(NBClientEngine):
             stderr_file=stderr_file,
             coalesce_streams=True,
         )
+        kc = final_kwargs.pop("kc", None)
         client = ScrubbingClient(nb_man, **final_kwargs)
         if final_kwargs.get("km") is not None:
-            # a kernel the caller started (deploy's warm kernel): the caller also shuts it down
+            # a kernel the caller started (deploy's section kernel): the caller also shuts it down;
+            # with its client too (kc), whose channels stay open for the next notebook
+            client.kc = kc
             try:
-                return client.execute()
+                with forward_interrupts(client):
+                    return client.execute()
             finally:
-                if client.kc is not None:
+                if kc is None and client.kc is not None:
                     client.kc.stop_channels()
         if not kernel_log:
-            return client.execute()
+            with forward_interrupts(client):
+                return client.execute()
         try:
-            with open(kernel_log, "ab") as f:
+            with open(kernel_log, "ab") as f, forward_interrupts(client):
                 return client.execute(stderr=f)
         finally:
             with contextlib.suppress(OSError):

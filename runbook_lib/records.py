@@ -2,9 +2,9 @@
 
     runs/<UTC time>-<name>/
         <section>.ipynb, <section>.html   executed notebooks (secrets scrubbed) and their offline HTML
-        <section>.verdict.json            written by ctx.verdict() in each section's kernel
+        <section>.verdict.json            written by ctx.verdict() in the section's kernel
         journal.jsonl                     every command on every host (masked), from the kernels
-        <section>.kernel.log              the section kernel's own stderr (deploy runs; scrubbed)
+        kernel.log                        the sections' kernel's own stderr (deploy runs; scrubbed)
         run.json                          parameters (masked), who/where, times, verdicts, commands, versions
     runs/index.md                         one line per run, newest first
     runs/latest -> <newest run folder>

@@ -145,6 +145,12 @@ def reports() -> list[StepReport]:
     return list(_all_reports)
 
 
+def reset() -> None:
+    """A new section starts (begin): its verdict counts only its own steps, also when the
+    kernel ran another section before (deploy runs every section in one kernel)."""
+    _all_reports.clear()
+
+
 def step(title: str):
     """Decorator: run the function as a step; returns a StepReport (value in .value).
 

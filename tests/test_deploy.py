@@ -19,7 +19,7 @@ import yaml
 from runbook_lib import deploy
 from runbook_lib.host import connect
 
-from conftest import outputs_text
+from conftest import TEST_REGISTRY, outputs_text
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -134,9 +134,15 @@ def test_a_failing_section_stops_the_deploy_and_leaves_no_kernel(tmp_path):
 
 
 # -- with the lab ------------------------------------------------------------------------------------
+def _lab_params() -> dict:
+    """params/lab.yaml with the registry host under test (RUNBOOK_TEST_REGISTRY_HOST, default registry1)."""
+    return yaml.safe_load(LAB.read_text()) | {"registry_host": TEST_REGISTRY}
+
+
 def _deploy(tmp_path, *args, name="out"):
     out = tmp_path / f"{name}.ipynb"
-    r = papermill("--engine", "runbook", DEPLOY, out, "-f", LAB, *args, timeout=1800)
+    r = papermill("--engine", "runbook", DEPLOY, out, "-f", LAB, "-p", "registry_host", TEST_REGISTRY, *args,
+                  timeout=1800)
     runs = pathlib.Path(os.environ["RUNBOOK_RUNS_DIR"])
     m = re.search(r"run folder: (\S+)", outputs_text(json.loads(out.read_text()))) if out.exists() else None
     run = pathlib.Path(m.group(1)) if m else None
@@ -284,7 +290,7 @@ def _host_state(lab_params) -> dict:
 @pytest.mark.lab
 def test_deploy_dry_run_changes_nothing(lab, state_dir, tmp_path):
     """Dry run with the lab's parameters: every section runs, reports DRY-RUN, changes nothing."""
-    params = yaml.safe_load(LAB.read_text())
+    params = _lab_params()
     before = _host_state(params)
     r, out, run, runs = _deploy(tmp_path, "-p", "dry_run", "True", name="dry")
     after = _host_state(params)
@@ -303,7 +309,7 @@ def test_deploy_dry_run_changes_nothing(lab, state_dir, tmp_path):
 def test_deploy_dry_run_shows_what_a_real_run_would_do(lab, state_dir, tmp_path):
     """Dry run for a uid that does not exist: the commands a real run would execute are shown
     (and skipped), and no host changes."""
-    params = yaml.safe_load(LAB.read_text())
+    params = _lab_params()
     before = _host_state(params)
     r, out, run, runs = _deploy(tmp_path, "-p", "dry_run", "True", "-p", "uid", "dryrunprobe", name="dry2")
     after = _host_state(params)
@@ -325,7 +331,7 @@ def test_deploy_stops_before_any_change_when_a_hosts_sudo_wants_a_password(lab, 
     """The registry host's sudo wants a password: the deploy names the host and the fix, and no
     section runs (RGW's host, checked first in the plan, is left as it was)."""
     name, addr = "labtest-deploypw", "198.18.0.43"
-    params = yaml.safe_load(LAB.read_text())
+    params = _lab_params()
     lab.add_host(name, addr, docker=True, sudo="password")
     try:
         before = _host_state(params)
@@ -341,3 +347,79 @@ def test_deploy_stops_before_any_change_when_a_hosts_sudo_wants_a_password(lab, 
         assert not [c for c in data["commands"] if c["changed"]]
     finally:
         lab.remove_host(name)
+
+
+@pytest.mark.lab
+def test_deploy_killed_mid_section_leaves_complete_records(lab, state_dir, tmp_path):
+    """SIGTERM to `runbook deploy` while 04-registry runs (a CI timeout, a kill): the deploy stops
+    there, and the run folder is complete up to the interrupted cell: the earlier sections'
+    notebooks, HTML and verdicts; 04-registry's notebook with every output before that cell and the
+    KeyboardInterrupt in it, and its HTML; deploy.ipynb/.html and a finished run.json.  No kernel is
+    left, no secret is written, nothing after that cell ran, and a re-run passes."""
+    import signal
+    import time
+    params = _lab_params()
+    e = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "-m", "runbook_lib.cli", "deploy", "-f", str(LAB), "-p", "registry_host",
+                          TEST_REGISTRY], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e)
+    seen, run, killed = [], None, False
+    try:
+        for line in p.stdout:
+            seen.append(line)
+            m = re.search(r"run folder: (\S+)", line)
+            run = run or (pathlib.Path(m.group(1)) if m else None)
+            if "▶ 04-registry" in line:
+                # kill once 04-registry has run a command of its own: inside one of its cells
+                n = _lines(run / "journal.jsonl")
+                deadline = time.monotonic() + 60
+                while _lines(run / "journal.jsonl") <= n and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                p.send_signal(signal.SIGTERM)
+                killed = True
+                break
+        out = "".join(seen) + p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert killed and p.returncode == 1, out[-3000:]
+    data = json.loads((run / "run.json").read_text())
+    assert data["outcome"] == "FAIL" and "interrupted" in data["error"] and data["ended"], data.get("error")
+    assert data["tool_versions"]["ceph"].startswith("ceph version")
+    done = SECTIONS[:SECTIONS.index("04-registry")]
+    for s in done:
+        assert f"VERDICT {s}: PASS" in (run / f"{s}.html").read_text(), s
+        assert f"VERDICT {s}: PASS" in outputs_text(json.loads((run / f"{s}.ipynb").read_text())), s
+    entries = {n["name"]: n for n in data["notebooks"]}
+    assert [entries[s]["status"] for s in done] == ["completed"] * len(done)
+    assert entries["04-registry"]["status"] == "failed" and "interrupted" in entries["04-registry"]["error"]
+    assert not [p for p in run.glob("0*.ipynb") if p.stem > "04-registry"]  # no section after it started
+
+    nb = json.loads((run / "04-registry.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    failed = [i for i, c in enumerate(code) if c["metadata"]["papermill"].get("exception")]
+    assert len(failed) == 1, [c["metadata"]["papermill"] for c in code]
+    i = failed[0]
+    assert [o["ename"] for o in code[i]["outputs"] if o["output_type"] == "error"] == ["KeyboardInterrupt"]
+    assert all(c["metadata"]["papermill"]["status"] == "completed" for c in code[:i])
+    assert any("rb.begin(" in "".join(c["source"]) for c in code[:i])  # interrupted after validation
+    assert all(c["metadata"]["papermill"]["status"] == "pending" and not c["outputs"] for c in code[i + 1:])
+    assert "KeyboardInterrupt" in (run / "04-registry.html").read_text()
+    assert (run / "deploy.html").exists() and "interrupted" in outputs_text(json.loads((run / "deploy.ipynb").read_text()))
+    deadline = time.monotonic() + 15
+    while _kernels_in(NOTEBOOKS) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _kernels_in(NOTEBOOKS) == []
+    _assert_no_secrets([run], _rgw_secrets(params))
+
+    # the deploy resumes: what 04-registry had not done yet is done now
+    r, _, run2, _ = _deploy(tmp_path, name="after-kill")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run2 / "run.json").read_text())["outcome"] == "PASS"
+
+
+def _lines(path) -> int:
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0

@@ -209,3 +209,36 @@ def test_scrub_keeps_traceback_items_and_catches_straddling_secrets():
     s = "straddle-secret-777"
     assert engine._scrub(["Traceback", f"ValueError: {s}"], [s]) == ["Traceback", "ValueError: ****"]
     assert engine._scrub(["x = 'straddle-", "secret-777'\n"], [s]) == ["x = '****'\n"]
+
+
+def test_interrupted_run_keeps_records_up_to_the_running_cell(tmp_path, env):
+    """SIGTERM to `runbook run` while a cell runs (a CI timeout, a kill): the kernel is interrupted,
+    and the saved notebook, its HTML and run.json are complete up to that cell: every earlier
+    output, the running cell's output and its KeyboardInterrupt, nothing after it, no secret."""
+    import signal
+    e = dict(os.environ, **env, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "-m", "runbook_lib.cli", "run", str(DATA / "interrupt.ipynb"),
+                          "-p", "password", SECRET], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=e)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if "sleeping" in line:  # the third cell is running (its output reached the CLI)
+            p.send_signal(signal.SIGTERM)
+            break
+    out = "".join(seen) + p.communicate(timeout=60)[0]
+    assert p.returncode == 1, out[-3000:]
+    run = only_run(env)
+    nb = nbformat.read(str(run / "interrupt.ipynb"), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
+    printed, sleeping, after = code[1], code[2], code[3]
+    assert "the password is ****" in "".join(o.get("text", "") for o in printed.outputs)
+    assert "sleeping" in "".join(o.get("text", "") for o in sleeping.outputs)
+    assert [o.ename for o in sleeping.outputs if o.output_type == "error"] == ["KeyboardInterrupt"]
+    assert sleeping.metadata.papermill.status == "failed" and sleeping.metadata.papermill.exception
+    assert after.outputs == [] and after.metadata.papermill.status == "pending"
+    html = (run / "interrupt.html").read_text()
+    assert "sleeping" in html and "KeyboardInterrupt" in html
+    data = json.loads((run / "run.json").read_text())
+    assert data["outcome"] == "FAIL" and "KeyboardInterrupt" in data["error"] and data["ended"]
+    assert not leaks(all_files_text(run), SECRET) and not leaks(out, SECRET)
