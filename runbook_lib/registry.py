@@ -65,6 +65,9 @@ PODMAN_UNIT = "container-registry.service"  # podman generate systemd's name for
 PODMAN_UNIT_PATH = f"/etc/systemd/system/{PODMAN_UNIT}"
 # Quadlet names the unit after the file: this file gives the same container-registry.service
 QUADLET_PATH = "/etc/containers/systemd/container-registry.container"
+# The registry (2.8, no draintimeout) exits 2 on podman stop's SIGTERM, 143 when killed by it:
+# without these a plain `systemctl stop` leaves the unit failed and the host "degraded".
+STOP_EXIT_STATUS = "SuccessExitStatus=2 143"
 QUADLET_MIN = (4, 4)  # first podman with Quadlet (podman generate systemd is deprecated from 4.7)
 DRAIN_TIMEOUT = "10s"  # http.draintimeout with a load balancer (06's restarts give docker 15 s before SIGKILL)
 
@@ -821,10 +824,21 @@ Label={LABEL}={digest}
 {vols}
 [Service]
 Restart=always
+{STOP_EXIT_STATUS}
 
 [Install]
 WantedBy=multi-user.target default.target
 """
+
+
+def with_stop_status(unit: str) -> str:
+    """podman generate systemd's unit with STOP_EXIT_STATUS in its [Service] section (pure)."""
+    if STOP_EXIT_STATUS in unit:
+        return unit
+    head, sep, tail = unit.partition("[Service]\n")
+    if not sep:
+        raise ValueError("no [Service] section in the generated unit")
+    return f"{head}{sep}{STOP_EXIT_STATUS}\n{tail}"
 
 
 def _container_state(h, engine: str) -> tuple[str | None, bool]:
@@ -979,7 +993,8 @@ def _start_podman(ctx, h, digest: str) -> dict:
         return {"host": h.name, "state": "restarted (Quadlet)" if cur is not None else "created (Quadlet)"}
     _state(ctx).setdefault("quadlet", quadlet)  # shown by show_units: what podman >= 4.4 would use
     text = (h.read_file(PODMAN_UNIT_PATH) or b"").decode(errors="replace")
-    want = [f"{LABEL}={digest}", full_image(ctx.image), *(f"-v {v}" for v in podman_volumes(ctx, label))]
+    want = [f"{LABEL}={digest}", full_image(ctx.image), STOP_EXIT_STATUS,
+            *(f"-v {v}" for v in podman_volumes(ctx, label))]
     unit_ok = bool(text) and all(w in text for w in want)
     enabled = h.test(cmd("systemctl is-enabled --quiet {u}", u=PODMAN_UNIT))
     if unit_ok and cur == digest and running and active:
@@ -1005,7 +1020,7 @@ def _start_podman(ctx, h, digest: str) -> dict:
     else:
         if not gen.stdout.startswith("# " + PODMAN_UNIT):
             raise RegistryError(f"{h.name}: podman generate systemd did not make {PODMAN_UNIT}: {gen.stdout[:200]!r}")
-        h.put_file(PODMAN_UNIT_PATH, gen.stdout, mode=0o644)
+        h.put_file(PODMAN_UNIT_PATH, with_stop_status(gen.stdout), mode=0o644)
     h.run(cmd("systemctl daemon-reload && systemctl enable {u} && systemctl restart {u}", u=PODMAN_UNIT))
     return {"host": h.name, "state": "replaced (config changed)" if cur is not None or text else "created"}
 

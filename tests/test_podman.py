@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
+from conftest import LAB_PARAMS, NOTEBOOKS, execute, outputs_text
 from helpers import lab_host, lab_ssh, rgw_answers
 from runbook_lib import operations as ops, params as P, registry
 
@@ -81,6 +81,16 @@ def test_container_and_quadlet_carry_the_label_not_privileged():
     assert "Network=host\n" in q and f"Label={registry.LABEL}={'d' * 64}\n" in q
     assert "Volume=/opt/k8s/registry/data:/var/lib/registry:Z\n" in q and "[Install]" in q
     assert "/opt/k8s/registry/auth:/auth" in registry.podman_create_argv(ctx, "d" * 64, "")  # no SELinux: no option
+
+
+def test_generated_unit_counts_the_registry_stop_codes_as_success():
+    gen = "# container-registry.service\n[Unit]\nDescription=x\n\n[Service]\nRestart=always\nExecStart=/usr/bin/podman run\n"
+    unit = registry.with_stop_status(gen)
+    service = unit.split("[Service]\n", 1)[1]
+    assert service.startswith(registry.STOP_EXIT_STATUS + "\n") and "ExecStart=" in service
+    assert registry.with_stop_status(unit) == unit  # once
+    with pytest.raises(ValueError):
+        registry.with_stop_status("[Unit]\n")
 
 
 def test_quadlet_from_podman_4_4():
@@ -165,15 +175,9 @@ def test_gc_commands_for_podman():
 # ---------------------------------------------------------------------------- the lab
 def notebook(name: str, out_dir, timeout: float = 300, **params) -> tuple[str, float]:
     """(outputs text, seconds) of a section run headless; a failed cell is part of the text."""
-    import papermill as pm
-    out = out_dir / f"{name}-{time.monotonic_ns()}.ipynb"
     t0 = time.monotonic()
-    try:
-        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params, engine_name=_engine(),
-                            cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3", execution_timeout=timeout)
-    except Exception:  # noqa: BLE001 - papermill's error: the notebook on disk says what failed
-        pass
-    return outputs_text(json.loads(out.read_text())), time.monotonic() - t0
+    nb, _ = execute(name, out_dir, expect_error=None, timeout=timeout, **params)
+    return outputs_text(nb), time.monotonic() - t0
 
 
 def purge():
@@ -356,6 +360,19 @@ def test_reboot_brings_the_registry_back_by_its_unit(pod):
     assert pulls_whole(pod.s, "pod/boot", "v1", digest)
     text, _ = notebook("04-registry", pod.out, **pod.deploy)  # after the reboot too: nothing to change
     assert "running, config unchanged" in text and "VERDICT 04-registry: PASS" in text, text[-1500:]
+
+
+@pytest.mark.lab
+def test_a_stop_by_hand_leaves_the_unit_inactive_not_failed(pod):
+    """An operator's `systemctl stop container-registry` (maintenance) is a clean stop: not a
+    failed unit that marks the whole host degraded; 04 then starts it again."""
+    on_pod(f"systemctl stop {registry.PODMAN_UNIT}")
+    try:
+        assert on_pod(f"systemctl is-active {registry.PODMAN_UNIT}", check=False) == "inactive"
+        assert on_pod("systemctl is-system-running", check=False) == "running"
+    finally:
+        text, _ = notebook("04-registry", pod.out, **pod.deploy)
+    assert "started (unit was stopped)" in text and "VERDICT 04-registry: PASS" in text, text[-1500:]
 
 
 @pytest.mark.lab
