@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import time
 
 import pytest
 import yaml
@@ -53,28 +54,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.lab)
 
 
+def execute(name: str, out: pathlib.Path, expect_error: bool | None = False, timeout: float | None = None,
+            **params) -> tuple[dict, Exception | None]:
+    """Run notebooks/NAME.ipynb headless as `make demo` does (papermill, the runbook engine) into
+    `out` (a file, or a folder for a fresh file in it) -> (executed notebook, failure or None).
+    The lab's parameters are the notebooks' defaults, so only differences are passed.
+    expect_error: False, a failure fails the test with the notebook's last outputs; True, a success
+    fails it; None, either is an answer."""
+    import papermill as pm
+    out = pathlib.Path(out)
+    if out.is_dir():
+        out = out / f"{name}-{time.monotonic_ns()}.ipynb"
+    err = None
+    try:
+        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params, engine_name=_engine(),
+                            cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3",
+                            execution_timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - PapermillExecutionError on a failed cell, a dead kernel
+        err = e
+    nb = json.loads(out.read_text()) if out.exists() else {"cells": []}
+    if err is not None and expect_error is False:
+        raise AssertionError(f"{name} failed: {err!s:.500}\n{outputs_text(nb)[-4000:]}") from err
+    if err is None and expect_error is True:
+        pytest.fail(f"{name} was expected to fail but passed:\n{outputs_text(nb)[-2000:]}")
+    return nb, err
+
+
 @pytest.fixture
 def run_notebook(tmp_path, state_dir):
-    """run_notebook("01-rgw", **params) -> (notebook dict, output path, error or None).
-
-    Runs through papermill with the runbook engine (as `make demo` does); the
-    lab's parameters are the notebooks' defaults, so only differences are passed."""
-    import papermill as pm
-
+    """run_notebook("01-rgw", **params) -> (notebook dict, output path, error or None)."""
     def run(name: str, expect_error: bool = False, **params):
         out = tmp_path / f"{name}.out.ipynb"
-        err = None
-        try:
-            pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params,
-                                engine_name=_engine(), cwd=str(NOTEBOOKS), progress_bar=False,
-                                kernel_name="python3")
-        except Exception as e:  # papermill raises PapermillExecutionError on a failed cell
-            err = e
-            if not expect_error:
-                raise
-        nb = json.loads(out.read_text())
-        if expect_error and err is None:
-            pytest.fail(f"{name} was expected to fail but succeeded")
+        nb, err = execute(name, out, expect_error=expect_error, **params)
         return nb, out, err
     return run
 

@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from runbook_lib import certs
 
-from conftest import LAB_PARAMS, outputs_text
+from conftest import outputs_text
 
 from conftest import TEST_REGISTRY as REGISTRY  # noqa: E402
 

@@ -18,7 +18,7 @@ from runbook_lib import faq
 from runbook_lib.host import cmd
 
 from helpers import lab_host  # noqa: E402
-from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
+from conftest import LAB_PARAMS, execute, outputs_text
 
 CEPH_NAME, CEPH_ADDR = "ceph416", "198.18.0.20"
 REG_NAME, REG_ADDR = "faqreg", "198.18.0.21"
@@ -209,21 +209,9 @@ def ssh(addr: str):
 
 
 def run_nb(d: pathlib.Path, name: str, expect_error=False, **params):
-    import papermill as pm
     params = {"rgw_host": CEPH_ADDR, "registry_host": REG_ADDR, "state_dir": str(d / "state"), **params}
     out = d / f"{name}-{time.monotonic_ns()}.ipynb"
-    err = None
-    try:
-        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params, engine_name=_engine(),
-                            cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
-    except Exception as e:  # noqa: BLE001 - papermill's execution error
-        err = e
-        if not expect_error:
-            raise AssertionError(f"{name} failed:\n{outputs_text(json.loads(out.read_text()))[-3000:]}") from e
-    nb = json.loads(out.read_text())
-    if expect_error and err is None:
-        pytest.fail(f"{name} was expected to fail:\n{outputs_text(nb)[-2000:]}")
-    return outputs_text(nb), out
+    return outputs_text(execute(name, out, expect_error=expect_error, **params)[0]), out
 
 
 def registry_session(d, auth=True) -> requests.Session:

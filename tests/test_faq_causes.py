@@ -22,7 +22,7 @@ from runbook_lib import faq
 from runbook_lib.host import cmd
 
 from helpers import lab_host
-from conftest import NOTEBOOKS, _engine, outputs_text
+from conftest import execute, outputs_text
 
 CEPH_NAME, CEPH_ADDR = "faqceph", "198.18.0.100"
 REG_NAME, REG_ADDR = "faqreg1", "198.18.0.101"
@@ -43,23 +43,11 @@ def ssh(addr: str):
 
 
 def run_nb(d: pathlib.Path, name: str, expect_error=False, **params):
-    import papermill as pm
     params = {"rgw_host": CEPH_ADDR, "registry_host": REG_ADDR, "uid": UID, "state_dir": str(d / "state"), **params}
     if name == "07-faq":
         params = {"client_host": CLI_ADDR, "probe_container": PROBE, **params}
     out = d / f"{name}-{time.monotonic_ns()}.ipynb"
-    err = None
-    try:
-        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params, engine_name=_engine(),
-                            cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
-    except Exception as e:  # noqa: BLE001 - papermill's execution error
-        err = e
-        if not expect_error:
-            raise AssertionError(f"{name} failed:\n{outputs_text(json.loads(out.read_text()))[-4000:]}") from e
-    text = outputs_text(json.loads(out.read_text()))
-    if expect_error and err is None:
-        pytest.fail(f"{name} was expected to fail:\n{text[-3000:]}")
-    return text, out
+    return outputs_text(execute(name, out, expect_error=expect_error, **params)[0]), out
 
 
 def password(d) -> str:

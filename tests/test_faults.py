@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import _registry as R  # noqa: E402  (the bench's registry helpers: blob upload, tiny images)
 
 from helpers import lab_host, lab_ssh, rgw_answers  # noqa: E402
-from conftest import NOTEBOOKS, outputs_text  # noqa: E402
+from conftest import execute, outputs_text  # noqa: E402
 
 pytestmark = pytest.mark.lab
 
@@ -37,21 +37,8 @@ HEALTH_WAIT = 60  # registry health check: every 10 s, 3 failures -> 503
 
 # --------------------------------------------------------------------------- helpers
 def notebook(name: str, out_dir: pathlib.Path, expect_error: bool = False, timeout: float = 300, **params):
-    """Run a section notebook headless (papermill + runbook engine) -> (nb dict, error or None)."""
-    import papermill as pm
-    out = out_dir / f"{name}-{time.monotonic_ns()}.ipynb"
-    err = None
-    try:
-        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params, engine_name="runbook",
-                            cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3",
-                            execution_timeout=timeout)
-    except Exception as e:  # noqa: BLE001 - PapermillExecutionError on a failed cell
-        err = e
-        if expect_error is False:
-            raise
-    if expect_error is True and err is None:
-        pytest.fail(f"{name} was expected to fail but passed")
-    return json.loads(out.read_text()), err
+    """Run a section notebook headless -> (nb dict, error or None)."""
+    return execute(name, out_dir, expect_error=expect_error, timeout=timeout, **params)
 
 
 ssh = lab_ssh  # root on a lab host, outside the runbook

@@ -25,7 +25,7 @@ import requests
 
 from helpers import tar_gz as _tar_gz  # noqa: E402
 from helpers import lab_ssh, rgw_answers  # noqa: E402
-from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
+from conftest import LAB_PARAMS, execute, outputs_text
 
 pytestmark = pytest.mark.lab
 
@@ -57,11 +57,7 @@ ssh = lab_ssh  # root on a lab host, outside the runbook
 def notebook(name: str, out_dir, timeout: float = 180, **params) -> dict:
     """A section notebook headless (papermill + runbook engine), for the module fixture
     (run_notebook is function-scoped)."""
-    import papermill as pm
-    out = out_dir / f"{name}-{time.monotonic_ns()}.ipynb"
-    pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params, engine_name=_engine(),
-                        cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3", execution_timeout=timeout)
-    return json.loads(out.read_text())
+    return execute(name, out_dir, timeout=timeout, **params)[0]
 
 
 def has_s3_key() -> bool:

@@ -25,7 +25,7 @@ import time
 import pytest
 import requests
 
-from conftest import LAB_PARAMS, NOTEBOOKS, ROOT, _engine, outputs_text
+from conftest import LAB_PARAMS, ROOT, execute, outputs_text
 from helpers import lab_ssh
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -44,11 +44,7 @@ KiB = 1 << 10
 
 
 def notebook(name: str, out_dir, timeout: float = 300, **params) -> dict:
-    import papermill as pm
-    out = out_dir / f"{name}-{time.monotonic_ns()}.ipynb"
-    pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params, engine_name=_engine(),
-                        cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3", execution_timeout=timeout)
-    return json.loads(out.read_text())
+    return execute(name, out_dir, timeout=timeout, **params)[0]
 
 
 def purge():

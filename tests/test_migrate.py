@@ -33,7 +33,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
+from conftest import LAB_PARAMS, NOTEBOOKS, execute, outputs_text
 from helpers import lab_ssh as ssh
 from helpers import rgw_answers
 
@@ -114,21 +114,7 @@ def test_notebook_declares_the_common_parameters():
 
 # ============================================================================ lab helpers
 def notebook(name: str, out_dir, timeout: float = 900, expect_error: bool = False, **params):
-    import papermill as pm
-    out = out_dir / f"{name}-{time.monotonic_ns()}.ipynb"
-    err = None
-    try:
-        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params, engine_name=_engine(),
-                            cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3",
-                            execution_timeout=timeout)
-    except Exception as e:  # noqa: BLE001
-        err = e
-        if not expect_error:
-            raise
-    nb = json.loads(out.read_text())
-    if expect_error:
-        assert err is not None, f"{name} was expected to fail"
-    return outputs_text(nb)
+    return outputs_text(execute(name, out_dir, expect_error=expect_error, timeout=timeout, **params)[0])
 
 
 def verdict(text: str) -> str:

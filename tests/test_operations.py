@@ -24,7 +24,7 @@ from runbook_lib.context import Context
 from runbook_lib.errors import ParameterError
 
 from helpers import tar_gz as _tar_gz  # noqa: E402
-from conftest import LAB_PARAMS, NOTEBOOKS, ROOT, _engine, outputs_text
+from conftest import LAB_PARAMS, NOTEBOOKS, ROOT, execute, outputs_text
 
 # Another lab host/bucket may be given (RUNBOOK_OPS_REGISTRY_HOST, RUNBOOK_OPS_CONTAINER) to test
 # away from the shared registry; by default: the lab's registry1 and the document's bucket.
@@ -146,9 +146,7 @@ class Layout:
 
 # ---------------------------------------------------------------------------- the lab fixture
 def _papermill(name, out_dir, **params):
-    import papermill as pm
-    pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out_dir / f"{name}.ipynb"), parameters=params,
-                        engine_name=_engine(), cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
+    execute(name, out_dir / f"{name}.ipynb", **params)
 
 
 class Skopeo:

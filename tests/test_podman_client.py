@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from conftest import LAB_PARAMS, NOTEBOOKS, _engine, outputs_text
+from conftest import LAB_PARAMS, execute, outputs_text
 from helpers import lab_host, lab_ssh, rgw_answers
 from runbook_lib import push as P
 from runbook_lib.host import cmd
@@ -49,21 +49,9 @@ DIGEST = r"sha256:[0-9a-f]{64}"
 
 
 def notebook(name: str, d: pathlib.Path, expect_error=False, **params) -> tuple[str, pathlib.Path]:
-    import papermill as pm
     params = {"registry_host": REG[1], "uid": UID, "state_dir": str(d / "state"), **params}
     out = d / f"{name}-{time.monotonic_ns()}.ipynb"
-    err = None
-    try:
-        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params, engine_name=_engine(),
-                            cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
-    except Exception as e:  # noqa: BLE001 - papermill's execution error
-        err = e
-    text = outputs_text(json.loads(out.read_text()))
-    if err is not None and not expect_error:
-        raise AssertionError(f"{name} failed:\n{text[-4000:]}") from err
-    if expect_error and err is None:
-        pytest.fail(f"{name} was expected to fail:\n{text[-3000:]}")
-    return text, out
+    return outputs_text(execute(name, out, expect_error=expect_error, **params)[0]), out
 
 
 def purge():

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import LAB_PARAMS, NOTEBOOKS, ROOT, outputs_text
+from conftest import LAB_PARAMS, NOTEBOOKS, ROOT, execute, outputs_text
 from runbook_lib import push as P
 
 TARGET = f"{LAB_PARAMS['registry_host']}:{LAB_PARAMS['registry_port']}"
@@ -142,19 +142,9 @@ def test_classify_keys_swift_and_s3():
 # -- lab ---------------------------------------------------------------------------------------
 
 def _execute(name: str, out: pathlib.Path, expect_error=False, **params):
-    import papermill as pm
-    err = None
     t0 = time.monotonic()
-    try:
-        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params, engine_name="runbook",
-                            cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
-    except Exception as e:  # PapermillExecutionError on a failed cell
-        err = e
-        if not expect_error:
-            raise
-    if expect_error and err is None:
-        pytest.fail(f"{name} was expected to fail but succeeded")
-    return json.loads(out.read_text()), out, err, time.monotonic() - t0
+    nb, err = execute(name, out, expect_error=expect_error, **params)
+    return nb, out, err, time.monotonic() - t0
 
 
 @pytest.fixture(scope="module")

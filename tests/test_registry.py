@@ -203,12 +203,10 @@ def verdict_ok(nb) -> str:
 @pytest.fixture(scope="module")
 def ready(lab, state_dir, tmp_path_factory):
     """RGW and its account (sections 1-2) and our certificate (section 3), as the user would have them."""
-    import papermill as pm
-    from conftest import NOTEBOOKS, _engine
+    from conftest import execute
     d = tmp_path_factory.mktemp("prereq")
     for name, params in (("01-rgw", {}), ("02-accounts", {"s3_keys": True}), ("03-certs", {"registry_host": REGISTRY})):
-        pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(d / f"{name}.ipynb"), parameters=params,
-                            engine_name=_engine(), cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
+        execute(name, d / f"{name}.ipynb", **params)
     return state_dir
 
 
