@@ -190,6 +190,8 @@ class Host:
         if not self.become:
             return "none"
         if self._sudo is None:
+            self._sudo = _become_known.get(self._become_key())
+        if self._sudo is None:
             t0 = time.monotonic()
             rc, out, err = self._exec(str(BECOME_CHECK), timeout=30)
             problem = become_problem(out + err, self.user)
@@ -198,7 +200,13 @@ class Host:
             if problem:
                 raise HostAuthError(self.name, *problem)
             self._sudo = out.strip().splitlines()[-1] == "sudo"
+            if self._become_key() is not None:
+                _become_known[self._become_key()] = self._sudo
         return "sudo" if self._sudo else "root"
+
+    def _become_key(self):
+        """The login a become check holds for (SSH: address, user, port, key, known_hosts)."""
+        return None
 
     def _sh(self, command: str, stdin=None, timeout=None) -> tuple[int, str, str]:
         """The one way a command reaches the transport: through sudo when become says so."""
@@ -284,6 +292,8 @@ class SSHHost(Host):
     def _login(self) -> tuple:
         return (self.address, self.user, self.port, self.key_filename, self.known_hosts)
 
+    _become_key = _login
+
     def _lost(self) -> None:
         """The connection died: neither this object nor the pool reuses it."""
         _unpool(self._login(), self._conn)
@@ -362,6 +372,9 @@ class SSHHost(Host):
 # made (a login is ~0.15 s here, a command ~12 ms).  Each host object still checks become once.
 _pool: dict[tuple, object] = {}
 _pool_lock = threading.Lock()
+# What a login's become check found (sudo or root), so that the next host object of the same login
+# does not ask again (one check per login and process, ~12 ms each; a lost connection forgets it).
+_become_known: dict[tuple, bool] = {}
 
 
 def _pooled(login: tuple, make):
@@ -376,6 +389,7 @@ def _pooled(login: tuple, make):
 
 
 def _unpool(login: tuple, conn) -> None:
+    _become_known.pop(login, None)
     with _pool_lock:
         if conn is not None and _pool.get(login) is conn:
             del _pool[login]

@@ -116,8 +116,10 @@ HOSTILE = ["a b", "it's", 'say "hi"', "x; id", "$(id -u)", "`id`", "*"]
 
 
 def test_become_runs_commands_and_file_writes_as_root_through_sudo(lab, tmp_path, monkeypatch):
+    from runbook_lib import host as host_mod
     jpath = tmp_path / "journal.jsonl"
     monkeypatch.setenv("RUNBOOK_JOURNAL", str(jpath))
+    monkeypatch.setattr(host_mod, "_become_known", {})  # earlier tests' checks of this login: forgotten
     plain, root = host(lab, become=False), host(lab)
     assert plain.run(cmd("id -un"), read=True).stdout.strip() == lab.SSH_USER
     p = "/etc/runbook-become-proof/secret.conf"
@@ -132,12 +134,14 @@ def test_become_runs_commands_and_file_writes_as_root_through_sudo(lab, tmp_path
     assert root.run(cmd("stat -c %U:%a {p}", p=p), read=True).stdout.strip() == "root:600"
     assert root.read_file(p) == b"k=v\n"
     assert not root.put_file(p, "k=v\n", mode=0o600, secret=True).changed
+    again = host(lab)  # the next section's host object, same login: sudo is known, not asked again
+    assert again.run(cmd("id -un"), read=True).stdout.strip() == "root" and again.uses_sudo
     assert plain.read_file(p) is None  # really root-only
     root.run(cmd("rm -rf /etc/runbook-become-proof"))
     entries = [json.loads(l) for l in jpath.read_text().splitlines()]
     assert not any(e["become"] for e in entries[:n_plain])
     checks = [e for e in entries if e["command"].startswith("become check as k8s")]
-    assert len(checks) == 1 and checks[0]["exit_code"] == 0  # once per host, recorded
+    assert len(checks) == 1 and checks[0]["exit_code"] == 0  # once per login, recorded
     mine = [e for e in entries[n_plain:-2] + entries[-1:] if e not in checks]  # all but plain's read_file
     assert len(mine) > 10 and all(e["become"] for e in mine), [e for e in mine if not e["become"]]
     assert all("sudo" not in e["command"] for e in entries if e not in checks)  # the command, not the wrapper
