@@ -17,9 +17,17 @@ DEPLOY = records.REPO / "notebooks" / "deploy.ipynb"
 
 
 def _value(text: str):
-    """A -p value typed as papermill's CLI types it (int, float, bool, None, else str)."""
-    from papermill.cli import _resolve_type
-    return _resolve_type(text)
+    """A -p value typed as papermill's CLI types it (True/False/None, int, float, else str): its rule
+    (papermill.cli._resolve_type, a private name; tests/test_kernels.py compares the two), here so
+    that papermill is imported only once the kernels boot."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    for typ in (int, float):
+        try:
+            return typ(text)
+        except ValueError:
+            pass
+    return text
 
 
 def load_params(files, pairs, dry_run: bool = False) -> dict:
@@ -38,25 +46,64 @@ def load_params(files, pairs, dry_run: bool = False) -> dict:
     return params
 
 
+class _Kernels:
+    """The kernels a run executes in, started before papermill is imported (see kernels.py): the
+    notebook's own and, for deploy.ipynb, the sections' (prewarmed: imports, SSH logins).  Both are
+    shut down gracefully in the background once papermill is done, and joined before we exit."""
+
+    def __init__(self, notebook: pathlib.Path, params: dict, run):
+        from . import kernels
+        self.section = None
+        self.stopped = False
+        self.saved = os.environ.get(kernels.ENV)
+        os.environ.pop(kernels.ENV, None)
+        if notebook.stem == "deploy":
+            from . import deploy
+            todo = deploy.sections()
+            if todo:
+                self.section = kernels.SectionKernel(todo[0].parent, run.path / "kernel.log",
+                                                     kernels.kernel_name(todo[0]))
+                from .params import notebook_defaults
+                self.section.prewarm({**notebook_defaults(notebook), **params})
+                os.environ[kernels.ENV] = f"{self.section.pid}:{self.section.km.connection_file}"
+        # the notebook's kernel inherits the environment (run folder, mask file, the section kernel)
+        self.km = kernels.start(kernels.kernel_name(notebook), notebook.parent)
+        self.stoppers = []
+
+    def stop(self) -> None:
+        from . import kernels
+        if self.stopped:
+            return
+        self.stopped = True
+        self.stoppers.append(kernels.stop_in_background(self.km))
+        if self.section is not None:
+            self.section.stop()
+
+    def join(self) -> None:
+        for t in self.stoppers:
+            t.join(10)
+        if self.section is not None:
+            self.section.stop(wait=True)
+            self.section.scrub_log()
+        from . import kernels
+        if self.saved is None:
+            os.environ.pop(kernels.ENV, None)
+        else:
+            os.environ[kernels.ENV] = self.saved
+
+
 def execute(notebook, params: dict, *, name: str | None = None, runs_dir=None, out=sys.stdout) -> int:
     """Run one notebook with papermill + the runbook engine into a fresh run folder.
     Returns the exit code (0 when the notebook and its verdict passed)."""
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
-    from .engine import mask_session, notebook_state_dir
+    from .context import notebook_state_dir
 
     notebook = pathlib.Path(notebook).resolve()
     if not notebook.exists():
         print(f"runbook: no such notebook: {notebook}", file=sys.stderr)
         return 2
     name = name or notebook.stem
-    # nbconvert's imports (~0.3 s) while the notebook runs, not after it (the HTML is the last step)
-    import threading
-    threading.Thread(target=lambda: __import__("nbconvert").HTMLExporter, daemon=True).start()
-    from .engine import SECRET_PARAM_RE
     for k, v in params.items():  # -p registry_password ...: masked in run.json too, not only in the notebook
-        if SECRET_PARAM_RE.search(k) and isinstance(v, str) and len(v) >= masking.MIN_LEN:
+        if masking.SECRET_PARAM_RE.search(k) and isinstance(v, str) and len(v) >= masking.MIN_LEN:
             masking.register(v)
     run = records.Run.create(name, runs_dir, params=params, prefer_repo=True)
     print(f"run folder: {run.path}", file=out, flush=True)
@@ -64,17 +111,30 @@ def execute(notebook, params: dict, *, name: str | None = None, runs_dir=None, o
     os.environ.update(run.env())
     target = run.path / notebook.name
     error = None
+    kernels = None
     try:
-        with mask_session(notebook_state_dir(params)):
+        with masking.mask_session(notebook_state_dir(params)):
+            kernels = _Kernels(notebook, params, run)
+            # they boot while papermill is imported; nbconvert's first render (~0.5 s of CPU with its
+            # imports) while the notebook runs, not after it (the HTML is the last step), and not
+            # while they boot
+            import threading
+            t = threading.Timer(1.5, records.warm_html)
+            t.daemon = True
+            t.start()
+            import papermill as pm
+            from papermill.exceptions import PapermillExecutionError
             try:
                 pm.execute_notebook(str(notebook), str(target), parameters=params, engine_name="runbook",
-                                    cwd=str(notebook.parent), progress_bar=False, log_output=True)
+                                    cwd=str(notebook.parent), progress_bar=False, log_output=True,
+                                    km=kernels.km)
             except PapermillExecutionError as e:
                 error = f"{e.ename}: {e.evalue}"
             except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM: stop waiting, still write the records
                 error = f"interrupted (KeyboardInterrupt: {e})"
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
+            kernels.stop()
             error = masking.mask(error) if error else None
             html = None
             if target.exists():
@@ -86,6 +146,9 @@ def execute(notebook, params: dict, *, name: str | None = None, runs_dir=None, o
                              status="failed" if error else "completed", error=error)
             data = run.finish(error=error, params=_full_params(target, params))
     finally:
+        if kernels is not None:
+            kernels.stop()
+            kernels.join()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -172,5 +235,16 @@ def main(argv=None) -> int:
     return execute(notebook, params, runs_dir=args.runs_dir)
 
 
+def entry() -> None:
+    """The `runbook` command: main(), then out without the interpreter's teardown (~0.15 s of
+    module and thread clean-up after a run whose records are written and kernels stopped)."""
+    import logging
+    rc = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -17,7 +17,7 @@ import socket
 import time
 
 from . import journal, masking, params as P, steps
-from .errors import CheckFailed, ParameterError
+from .errors import CheckFailed, ParameterError, RunbookError
 from .host import Host, connect
 
 _current = None
@@ -57,6 +57,22 @@ def state_dir(value: str | None = None) -> str:
     d = os.path.expanduser(value or os.environ.get("RUNBOOK_STATE_DIR") or "~/.runbook-registry")
     os.makedirs(d, mode=0o700, exist_ok=True)
     return d
+
+
+def notebook_state_dir(params: dict) -> str:
+    """The state dir a notebook run with these parameters uses."""
+    sd = params.get("state_dir") if isinstance(params.get("state_dir"), str) else None
+    return state_dir(sd or None)
+
+
+def check_hosts_report(params: dict) -> dict:
+    """Context.check_hosts() as JSON for another process: the deploy notebook's kernel asks the
+    section kernel, whose logins the sections then reuse.  A refusal comes back as its type,
+    message and hint."""
+    try:
+        return {"access": Context("deploy", params).check_hosts()}
+    except RunbookError as e:
+        return {"error": type(e).__name__, "message": e.message, "hint": e.hint, "host": getattr(e, "host", None)}
 
 
 class Context:

@@ -10,9 +10,10 @@ runs under the `runbook` engine (secrets scrubbed before every save), and leaves
 its executed notebook, its HTML and its verdict in the run folder.
 
 What a deploy pays besides the work (bench/profile_deploy.py): one kernel for all the
-sections, each in a fresh namespace (SectionKernel), so one kernel start, one client and
-one SSH login per host; HTML and tool versions in threads while the next section runs
-(Records), joined before run.json is finished or a failure is reported.
+sections, each in a fresh namespace (kernels.SectionKernel), started by `runbook deploy`
+beside this notebook's own kernel; the hosts are checked in it, so one SSH login per host
+serves the check, the five sections and the tool versions; HTML in a thread while the next
+section runs (Records), joined before run.json is finished or a failure is reported.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import masking, params as P, records
+from .kernels import SectionKernel, kernel_name
 from .errors import RunbookError
 
 NOTEBOOKS = records.REPO / "notebooks"
@@ -176,90 +178,11 @@ def _verdict(run, name: str) -> dict | None:
 def _learn_secrets() -> None:
     """What the sections' kernels registered becomes known here too (the deploy
     notebook's own output and records are masked with it)."""
-    from .engine import MASK_ENV
-    path = os.environ.get(MASK_ENV)
+    path = os.environ.get(masking.MASK_ENV)
     if path:
         for v in masking.load_file(path):
             if len(v) >= masking.MIN_LEN:
                 masking.register(v)
-
-
-class SectionKernel:
-    """The one kernel every section of a deploy runs in, each section in a fresh namespace.
-
-    Started when the deploy starts, so that it boots while the hosts are checked; one client whose
-    channels stay open from section to section.  Before each section IPython's
-    reset(new_session=True) empties the user namespace: no variable of one section reaches the
-    next, while imported modules, SSH logins (host._pool) and the secrets registered for masking
-    stay.  That saves, per section, a kernel start (~0.5 s of CPU), a client's ready wait (~0.2 s),
-    the imports and a login per host.  The kernel inherits this process's environment (run folder,
-    mask file) when it starts."""
-
-    PREWARM = "import runbook_lib, runbook_lib.rgw, runbook_lib.accounts, runbook_lib.certs, " \
-              "runbook_lib.registry, runbook_lib.push"
-
-    def __init__(self, cwd, log_path, kernel_name: str = "python3"):
-        from jupyter_client import KernelManager
-        self.cwd = str(cwd)
-        self.log = open(log_path, "ab")
-        self.km = KernelManager(kernel_name=kernel_name)
-        # as nbclient starts its kernels: no IPython history database on disk
-        self.km.start_kernel(cwd=self.cwd, stderr=self.log, extra_arguments=["--HistoryManager.hist_file=:memory:"])
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self._ready = False
-        self._stopper = None
-
-    def _ready_wait(self):
-        if not self._ready:
-            self.kc.wait_for_ready(timeout=60)
-            self._ready = True
-
-    def _silent(self, code: str, wait: bool = True, timeout: float = 60) -> None:
-        self._ready_wait()
-        msg_id = self.kc.execute(code, silent=True, store_history=False, allow_stdin=False)
-        if not wait:
-            return  # its reply is skipped by whoever waits next (they match their own msg_id)
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self.kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if reply["parent_header"].get("msg_id") == msg_id:
-                break
-        if reply["content"].get("status") != "ok":
-            c = reply["content"]
-            raise RuntimeError(f"section kernel: {c.get('ename')}: {c.get('evalue')}")
-
-    def prewarm(self) -> None:
-        """The libraries the sections import, loaded while the deploy checks the hosts."""
-        self._silent(self.PREWARM, wait=False)
-
-    def fresh(self) -> None:
-        """An empty namespace (and execution count 1) for the next section."""
-        self._silent(f"import os as _os; _os.chdir({self.cwd!r}); get_ipython().reset(new_session=True)")
-
-    def stop(self, wait: bool = False) -> None:
-        """Shut the kernel down in the background (or now); idempotent."""
-        import threading
-
-        def _stop():
-            try:
-                self.kc.stop_channels()
-                self.km.shutdown_kernel(now=False)
-            except Exception:  # already gone; stop(wait=True) at the end of the run joins this
-                pass
-            finally:
-                self.log.close()
-        if self._stopper is None:
-            self._stopper = threading.Thread(target=_stop, name="kernel-shutdown", daemon=True)
-            self._stopper.start()
-        if wait:
-            self._stopper.join(10)
-
-    def scrub_log(self) -> None:
-        """The kernel's own stderr, with every secret this process knows masked (after stop)."""
-        with contextlib.suppress(OSError):
-            path = pathlib.Path(self.log.name)
-            path.write_text(masking.mask(path.read_text(errors="replace")))
 
 
 class Records:
@@ -268,9 +191,10 @@ class Records:
     `wait()` joins them: before run.json is finished and before a failure is reported, so a record
     is never announced before it exists."""
 
-    def __init__(self, run_):
+    def __init__(self, run_, kernel=None):
         from concurrent.futures import ThreadPoolExecutor
         self.run = run_
+        self.kernel = kernel  # the section kernel: the tool versions run there, over its logins
         # one thread each: HTML one notebook at a time, versions over SSH beside it
         self.html_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records-html")
         self.versions_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records-versions")
@@ -281,13 +205,26 @@ class Records:
         self.html[res.name] = (res, self.html_pool.submit(self.run.render_html, res.ipynb))
 
     def tool_versions(self, params: dict) -> None:
-        self.versions = self.versions_pool.submit(records.tool_versions, params)
+        if self.kernel is not None:
+            self.kernel.start_versions(params)
+        else:
+            self.versions = self.versions_pool.submit(records.tool_versions, params)
+
+    def fetch_versions(self) -> None:
+        """The section kernel's tool versions into run.json (before that kernel stops)."""
+        if self.kernel is not None:
+            v = self.kernel.versions()
+            if v:
+                self.run.update(tool_versions=v)
+            self.kernel = None
 
     def shutdown(self) -> None:
         self.html_pool.shutdown(wait=True)
         self.versions_pool.shutdown(wait=True)
 
     def wait(self, name: str | None = None) -> None:
+        if name is None:
+            self.fetch_versions()
         for n, (res, fut) in list(self.html.items()):
             if name is not None and n != name:
                 continue
@@ -373,12 +310,6 @@ def run_section(notebook, run: records.Run, params: dict, *, timeout: float | No
     return res
 
 
-def _kernel_name(notebook) -> str:
-    """The kernel the sections declare (the first one's kernelspec; they all use python3)."""
-    spec = json.loads(pathlib.Path(notebook).read_text()).get("metadata", {}).get("kernelspec", {})
-    return spec.get("name") or "python3"
-
-
 def _stack_dumps(run_) -> None:
     """kill -USR1 <kernel pid> writes every thread's stack to <run>/stacks.txt (a stuck run)."""
     import faulthandler
@@ -394,8 +325,6 @@ def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> Dep
     """Run the sections in order into the run folder; stop at the first failure
     (raises SectionFailed naming the section and its saved notebook)."""
     from IPython.display import display
-
-    from .engine import mask_session
 
     run_ = records.Run.current()
     if run_ is not None and str(run_.path) in _OWNED:
@@ -414,15 +343,19 @@ def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> Dep
     if only:
         todo = [p for p in todo if p.stem in P.as_list(only) or p.stem.split("-")[0] in P.as_list(only)]
     print(f"run folder: {run_.path}")
-    with mask_session(ctx.state_dir), contextlib.ExitStack() as stack:
-        recs = Records(run_)
-        kernel = SectionKernel(todo[0].parent, run_.path / "kernel.log", _kernel_name(todo[0])) if todo else None
+    with masking.mask_session(ctx.state_dir), contextlib.ExitStack() as stack:
+        # the CLI's (started beside this kernel), else one of our own
+        kernel = SectionKernel.attach_or_start(todo[0].parent, run_.path / "kernel.log",
+                                               kernel_name(todo[0])) if todo else None
+        recs = Records(run_, kernel)
         if kernel:
             stack.callback(lambda: (kernel.stop(wait=True), kernel.scrub_log()))  # none left behind
-            kernel.prewarm()
+            if kernel.owner:
+                kernel.prewarm()
         stack.callback(recs.shutdown)
         try:
-            access = ctx.check_hosts()
+            # in the section kernel: the sections then reuse its logins
+            access = kernel.check_hosts(ctx.params) if kernel else ctx.check_hosts()
         except RunbookError as e:
             _finish(report, owner, error=f"hosts not ready, nothing changed: {e.message}")
             raise
@@ -449,6 +382,7 @@ def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> Dep
             recs.wait()
             _finish(report, owner, error="interrupted (SIGINT/SIGTERM) between sections")
             raise
+        recs.fetch_versions()
         if kernel:
             kernel.stop()  # its shut-down beside the last HTML (the ExitStack joins it)
         recs.wait()

@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import re
 import pathlib
-import tempfile
 import time
 
 # Importing papermill.engines loads its entry points, this module among them: when this
@@ -36,12 +34,8 @@ from papermill.engines import NBClientEngine, NotebookExecutionManager, papermil
 from papermill.utils import merge_kwargs, remove_args  # noqa: E402
 
 from . import masking, records  # noqa: E402
-from .context import ENV_SECRETS, state_dir as _state_dir  # noqa: E402
-
-MASK_ENV = "RUNBOOK_MASK_FILE"
-# Parameters whose values are secrets by their name (secrets are not parameters, but a
-# user may still pass one: -p registry_password ...); paths like ssh_key are not.
-SECRET_PARAM_RE = re.compile(r"(password|passwd|secret|token|access_key|secret_key|credentials?)$", re.I)
+from .context import ENV_SECRETS, notebook_state_dir  # noqa: E402
+from .masking import MASK_ENV, SECRET_PARAM_RE, mask_session, env_vars as _env  # noqa: E402,F401
 # Lines of a multi-line secret file (a PEM key) shorter than this are not masked alone.
 _MIN_LINE = 16
 
@@ -257,52 +251,6 @@ class ScrubbingClient(PapermillNotebookClient):
             self._flush_lines()
 
 
-# -- environment for the kernel ------------------------------------------------------------------
-@contextlib.contextmanager
-def _env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: v for k, v in values.items() if v is not None})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
-def mask_session(state_dir: str):
-    """A mask file for the kernel(s) to append their secrets to.
-
-    Nested in a run that already has one (the deploy runner's sections), it is
-    shared, so the parent learns the sections' secrets; otherwise a fresh 0600
-    file in the state dir, removed at the end."""
-    existing = os.environ.get(MASK_ENV)
-    if existing and os.path.exists(existing):
-        yield existing
-        return
-    fd, path = tempfile.mkstemp(prefix=".mask-", suffix=".jsonl", dir=state_dir)  # mode 0600
-    os.close(fd)
-    try:
-        # what this process already knows goes in first, so every process sees it
-        if masking.secrets():
-            import json
-            with open(path, "a") as f:
-                for v in masking.secrets():
-                    f.write(json.dumps(v) + "\n")
-        with _env(**{MASK_ENV: path}):
-            yield path
-    finally:
-        # remember what the kernel registered before the file goes
-        for v in masking.load_file(path):
-            if len(v) >= masking.MIN_LEN:
-                masking.register(v)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 @contextlib.contextmanager
 def forward_interrupts(client):
     """While a notebook runs, SIGINT or SIGTERM to this process interrupts the notebook's kernel
@@ -320,8 +268,8 @@ def forward_interrupts(client):
     def forward(signum, frame):
         count[0] += 1
         client.interrupted = signum
-        prov = getattr(client.km, "provisioner", None) if client.km is not None else None
-        pgid, pid = getattr(prov, "pgid", None), getattr(prov, "pid", None)
+        from .kernels import pids
+        pgid, pid = pids(client.km)
         if count[0] == 1 and (pgid or pid):
             # a plain signal: no event loop call from a handler that may run inside one
             with contextlib.suppress(OSError):
@@ -335,11 +283,6 @@ def forward_interrupts(client):
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def notebook_state_dir(params: dict) -> str:
-    sd = params.get("state_dir") if isinstance(params.get("state_dir"), str) else None
-    return _state_dir(sd or None)
 
 
 def notebook_parameters(nb) -> dict:

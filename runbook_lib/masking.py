@@ -8,11 +8,18 @@ outside the run folder) when that variable is set.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import re
+import tempfile
 import threading
 
 MASK = "****"
+MASK_ENV = "RUNBOOK_MASK_FILE"
+# Parameters whose values are secrets by their name (secrets are not parameters, but a
+# user may still pass one: -p registry_password ...); paths like ssh_key are not.
+SECRET_PARAM_RE = re.compile(r"(password|passwd|secret|token|access_key|secret_key|credentials?)$", re.I)
 # Shorter values would mask innocent text (a 3-char password would turn every
 # "foo" into ****); we refuse to register them rather than silently not mask.
 MIN_LEN = 4
@@ -49,7 +56,7 @@ def register(value, *, derived_for_user: str | None = None) -> str:
 
 
 def _persist(values) -> None:
-    path = os.environ.get("RUNBOOK_MASK_FILE")
+    path = os.environ.get(MASK_ENV)
     if not path:
         return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -114,3 +121,51 @@ def _mask(obj, values):
     if isinstance(obj, tuple):
         return tuple(_mask(v, values) for v in obj)
     return obj
+
+
+# -- the mask file a run's processes share ------------------------------------------------------
+@contextlib.contextmanager
+def env_vars(**values):
+    """os.environ with these values set (None: left as it is) for the block, then as before."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def mask_session(state_dir: str):
+    """A mask file for the kernel(s) to append their secrets to.
+
+    Nested in a run that already has one (the deploy runner's sections), it is
+    shared, so the parent learns the sections' secrets; otherwise a fresh 0600
+    file in the state dir, removed at the end.  (Here, not in the engine, so that
+    the CLI can start its kernels inside it before it imports papermill.)"""
+    existing = os.environ.get(MASK_ENV)
+    if existing and os.path.exists(existing):
+        yield existing
+        return
+    fd, path = tempfile.mkstemp(prefix=".mask-", suffix=".jsonl", dir=state_dir)  # mode 0600
+    os.close(fd)
+    try:
+        # what this process already knows goes in first, so every process sees it
+        known = secrets()
+        if known:
+            with open(path, "a") as f:
+                for v in known:
+                    f.write(json.dumps(v) + "\n")
+        with env_vars(**{MASK_ENV: path}):
+            yield path
+    finally:
+        # remember what the kernel registered before the file goes
+        for v in load_file(path):
+            if len(v) >= MIN_LEN:
+                register(v)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

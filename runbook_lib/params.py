@@ -101,6 +101,31 @@ def collect(namespace: dict) -> tuple[dict, list[str]]:
     return params, sorted(unknown)
 
 
+def notebook_defaults(path) -> dict:
+    """The literal defaults of a notebook's parameters cell, read without a kernel or papermill
+    (the CLI, before it starts one): {name: value} for `name: type = literal`."""
+    import ast
+    import json
+    with open(path) as f:
+        nb = json.load(f)
+    for cell in nb.get("cells", []):
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+            out = {}
+            try:
+                tree = ast.parse(src)
+            except SyntaxError:
+                return {}
+            for node in tree.body:
+                if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+                    try:
+                        out[node.target.id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        continue
+            return out
+    return {}
+
+
 # Parameters whose empty value stands for one made from the others (so a section run on its own
 # and the deploy agree): swift_subuser "" -> "<uid>:swift", as the document names it.
 DERIVED = {"swift_subuser": lambda p: f"{p['uid']}:swift" if p.get("uid") else ""}

@@ -175,15 +175,48 @@ def test_deploy_end_to_end_then_no_change(lab, state_dir, tmp_path):
     assert rgw_keys  # 02-accounts made the Swift and S3 keys
     _assert_no_secrets([run, out, ps_log], rgw_keys)
 
-    # a second run: every section reports no change
-    r2, out2, run2, _ = _deploy(tmp_path, name="second")
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    # a second run, through `runbook deploy` (its kernels started before papermill, the deploy
+    # notebook's attached to the section kernel): every section reports no change
+    r2, text2, run2 = _cli_deploy()
+    assert r2.returncode == 0, text2[-3000:]
     d2 = json.loads((run2 / "run.json").read_text())
     assert d2["outcome"] == "PASS"
     changed = {s["section"]: s["counts"] for s in d2["sections"] if s["changed"]}
     assert not changed, changed
     assert d2["changed"] is False, [c for c in d2["commands"] if c["changed"] and not c["read"]]
-    assert "no change" in out2.read_text()
+    assert "no change" in (run2 / "deploy.html").read_text()
+    assert data["tool_versions"]["ceph"] == d2["tool_versions"]["ceph"]  # from the section kernel
+    # one login and one become check per host for the whole run: the hosts are checked in the
+    # section kernel, whose logins the five sections and the tool versions reuse
+    checks = [c["host"] for c in d2["commands"] if c["command"].startswith("become check as k8s")]
+    assert sorted(checks) == sorted({c["host"] for c in d2["commands"] if c["host"] != "local"}), checks
+    assert not _kernels_of(run2), "a kernel outlived `runbook deploy`"
+    _assert_no_secrets([run2], rgw_keys)
+
+
+def _cli_deploy(*args):
+    """`runbook deploy` as a user runs it: (process, its output, the run folder)."""
+    r = subprocess.run([sys.executable, "-m", "runbook_lib.cli", "deploy", "-f", str(LAB), "-p", "registry_host",
+                        TEST_REGISTRY, *map(str, args)], capture_output=True, text=True, timeout=1800)
+    text = r.stdout + r.stderr
+    m = re.search(r"run folder: (\S+)", text)
+    return r, text, pathlib.Path(m.group(1)) if m else None
+
+
+def _kernels_of(run) -> list[str]:
+    """Kernel processes still running with this run folder in their environment."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            env = pathlib.Path(f"/proc/{d}/environ").read_bytes()
+            cmdline = pathlib.Path(f"/proc/{d}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ipykernel" in cmdline and f"RUNBOOK_RUN_DIR={run}".encode() in env:
+            out.append(d)
+    return out
 
 
 @contextlib.contextmanager
