@@ -68,6 +68,13 @@ class _Kernels:
                 os.environ[kernels.ENV] = f"{self.section.pid}:{self.section.km.connection_file}"
         # the notebook's kernel inherits the environment (run folder, mask file, the section kernel)
         self.km = kernels.start(kernels.kernel_name(notebook), notebook.parent)
+        # and imports the library while papermill is imported here (binding no name in its namespace),
+        # through a client of its own session: km.client()'s share nbclient's socket identity
+        from jupyter_client import BlockingKernelClient
+        self.kc = BlockingKernelClient()
+        self.kc.load_connection_info(self.km.get_connection_info())
+        self.kc.start_channels()
+        self.kc.execute("__import__('runbook_lib.deploy')", silent=True, store_history=False)
         self.stoppers = []
 
     def stop(self) -> None:
@@ -75,6 +82,7 @@ class _Kernels:
         if self.stopped:
             return
         self.stopped = True
+        self.kc.stop_channels()
         self.stoppers.append(kernels.stop_in_background(self.km))
         if self.section is not None:
             self.section.stop()

@@ -321,6 +321,13 @@ def _stack_dumps(run_) -> None:
         pass
 
 
+def _warm_up() -> None:
+    with contextlib.suppress(Exception):  # only a head start: the same imports happen where needed
+        import papermill  # noqa: F401
+        import papermill.exceptions  # noqa: F401
+        records.warm_html()
+
+
 def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> DeployReport:
     """Run the sections in order into the run folder; stop at the first failure
     (raises SectionFailed naming the section and its saved notebook)."""
@@ -349,6 +356,11 @@ def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> Dep
                                                kernel_name(todo[0])) if todo else None
         recs = Records(run_, kernel)
         if kernel:
+            # what run_section and the records need first (papermill ~0.2 s, nbconvert's first render
+            # ~0.4 s), loaded while the hosts are checked rather than between sections
+            import threading
+            threading.Thread(target=_warm_up, name="deploy-warm-up", daemon=True).start()
+        if kernel:
             stack.callback(lambda: (kernel.stop(wait=True), kernel.scrub_log()))  # none left behind
             if kernel.owner:
                 kernel.prewarm()
@@ -362,12 +374,15 @@ def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> Dep
         print("hosts: " + ", ".join(f"{a} ({how})" for a, how in access.items()))
         print(f"sections: {', '.join(p.stem for p in todo) or '(none found in ' + str(notebooks_dir or NOTEBOOKS) + ')'}"
               + ("  [dry run: nothing will change]" if ctx.dry_run else ""))
-        recs.tool_versions(ctx.params)  # over the logins just made, while the sections run
         try:
             for nb in todo:
                 print(f"▶ {nb.stem} ...", flush=True)
                 res = run_section(nb, run_, ctx.params, timeout=timeout, kernel=kernel, recs=recs)
                 report.sections.append(res)
+                if len(report.sections) == 1:
+                    # over the section kernel's logins, while the other sections run (not beside the
+                    # first: its start is on the critical path)
+                    recs.tool_versions(ctx.params)
                 changed = "—" if res.changed is None else (("would change" if ctx.dry_run else "changed")
                                                             if res.changed else "no change")
                 print(masking.mask(f"  {res.status} in {res.duration:.1f}s, {changed}: "

@@ -102,8 +102,6 @@ class SectionKernel:
     per section, a kernel start (~0.5 s of CPU), a client's ready wait (~0.2 s), the imports and
     a login per host.  The kernel inherits its starter's environment (run folder, mask file)."""
 
-    PREWARM = "import runbook_lib, runbook_lib.rgw, runbook_lib.accounts, runbook_lib.certs, " \
-              "runbook_lib.registry, runbook_lib.push, runbook_lib.context"
 
     def __init__(self, cwd, log_path=None, kernel_name: str = "python3", *, km=None):
         self.cwd = str(cwd)
@@ -157,14 +155,10 @@ class SectionKernel:
         return json.loads(ast.literal_eval(out["data"]["text/plain"]))
 
     def prewarm(self, params: dict | None = None) -> None:
-        """The libraries the sections import and, given the parameters, the SSH logins and become
-        checks of their hosts, while the deploy notebook boots (a failure is left to the deploy's
-        own host check)."""
-        code = self.PREWARM
-        if params is not None:
-            code += ("\ntry:\n    runbook_lib.context.Context('deploy', __import__('json').loads("
-                     f"{json.dumps(params, default=str)!r})).check_hosts()\nexcept Exception:\n    pass")
-        self._silent(code, wait=False)
+        """prewarm_here in the kernel, sent at once (it runs as soon as the kernel is up)."""
+        self._silent("import runbook_lib.kernels\nrunbook_lib.kernels.prewarm_here("
+                     + ("None" if params is None else f"__import__('json').loads({json.dumps(params, default=str)!r})")
+                     + ")", wait=False)
 
     def check_hosts(self, params: dict) -> dict:
         """ctx.check_hosts() run in this kernel, so that the sections reuse its logins; a refusal
@@ -232,6 +226,24 @@ class SectionKernel:
         with contextlib.suppress(OSError):
             path = pathlib.Path(self.log.name)
             path.write_text(masking.mask(path.read_text(errors="replace")))
+
+
+SECTION_MODULES = ("runbook_lib.rgw", "runbook_lib.accounts", "runbook_lib.certs", "runbook_lib.registry",
+                   "runbook_lib.push")
+
+
+def prewarm_here(params: dict | None = None) -> None:
+    """In the section kernel, while the deploy notebook boots: the modules the sections import,
+    in a thread, beside the SSH logins and become checks of the hosts the parameters name (the two
+    overlap: a login mostly waits on the network).  A refusal is left to the deploy's host check."""
+    import importlib
+    t = threading.Thread(target=lambda: [importlib.import_module(m) for m in SECTION_MODULES], daemon=True)
+    t.start()
+    if params is not None:
+        from .context import Context
+        with contextlib.suppress(Exception):
+            Context("deploy", params).check_hosts()
+    t.join()
 
 
 def stop_in_background(km) -> threading.Thread:
