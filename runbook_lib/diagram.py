@@ -68,14 +68,25 @@ def _markers():
     return "\n".join(out)
 
 
+# -p runtime / -p client -> how the picture names them (docker: the document's own words)
+RUNTIMES = {"docker": "registry:2", "podman": "registry:2 in podman", "systemd": "registry (systemd unit)"}
+CLIENTS = {"docker": "docker / skopeo", "podman": "podman / skopeo", "skopeo": "skopeo"}
+
+
+def _certs_dir(client: str) -> str:
+    """Where the client trusts the CA (push.trust): docker's directory, or containers' (podman, skopeo)."""
+    return "/etc/docker" if client == "docker" else "/etc/containers"
+
+
 def svg(rgw_host="198.18.0.2", rgw_port=7480, registry_host="198.18.0.3", registry_port=8000,
         ssh_port=22, storage="swift", registry_user="foo", uid="demo", control="this machine",
-        clients="docker / skopeo", title="Topology", **_ignored) -> str:
+        clients=None, title="Topology", runtime="docker", client="docker", **_ignored) -> str:
     """The topology for these parameters as one SVG document (text).
 
     registry_host may be several hosts ("a,b" or a list).  storage: swift | s3 | filesystem.
     Extra keyword arguments (a notebook's other parameters) are ignored."""
     regs = as_list(registry_host) or ["?"]
+    clients = clients or CLIENTS.get(client, client)
     reg_h = 100
     reg_gap = 14
     reg_total = len(regs) * reg_h + (len(regs) - 1) * reg_gap
@@ -114,7 +125,7 @@ def svg(rgw_host="198.18.0.2", rgw_port=7480, registry_host="198.18.0.3", regist
     for i, h in enumerate(regs):
         y = TOP + i * (reg_h + reg_gap)
         reg_boxes.append(y)
-        out.append(_box(COL_B, y, BOX_W, reg_h, ["registry host", h, f"registry:2  :{registry_port}",
+        out.append(_box(COL_B, y, BOX_W, reg_h, ["registry host", h, f"{RUNTIMES.get(runtime, runtime)}  :{registry_port}",
                                                  "TLS + htpasswd (bcrypt)", data_line],
                         fill="#ddf4ff", stroke=HTTPS))
 
@@ -141,7 +152,7 @@ def svg(rgw_host="198.18.0.2", rgw_port=7480, registry_host="198.18.0.3", regist
 
     # clients, bottom left -> registry
     cy = TOP + 120
-    out.append(_box(COL_A, cy, BOX_W, 78, ["clients", clients, "trust the CA in /etc/docker/",
+    out.append(_box(COL_A, cy, BOX_W, 78, ["clients", clients, f"trust the CA in {_certs_dir(client)}/",
                                            "certs.d/HOST:PORT/ca.crt"], fill="#f6f8fa", stroke="#57606a"))
     for i, y in enumerate(reg_boxes):
         out.append(_arrow([(COL_A + BOX_W, cy + 40), (COL_B, y + 60)], HTTPS,
@@ -166,11 +177,14 @@ def svg(rgw_host="198.18.0.2", rgw_port=7480, registry_host="198.18.0.3", regist
 
 
 def describe(rgw_host="198.18.0.2", rgw_port=7480, registry_host="198.18.0.3", registry_port=8000,
-             ssh_port=22, storage="swift", registry_user="foo", uid="demo", **_ignored) -> str:
+             ssh_port=22, storage="swift", registry_user="foo", uid="demo", runtime="docker", client="docker",
+             **_ignored) -> str:
     """The same topology as plain text (for terminals, papermill logs, screen readers)."""
     regs = ", ".join(as_list(registry_host))
     lines = [f"control node (this machine) --SSH :{ssh_port}--> registry host {regs}, RGW host {rgw_host}",
-             f"clients --HTTPS :{registry_port} (login {registry_user}, push, pull)--> registry {regs}"]
+             f"clients ({CLIENTS.get(client, client)}; CA in {_certs_dir(client)}/certs.d) --HTTPS "
+             f":{registry_port} (login {registry_user}, push, pull)--> registry {regs} "
+             f"({RUNTIMES.get(runtime, runtime)})"]
     if storage in ("swift", "s3"):
         lines.append(f"registry --{'Swift auth v1' if storage == 'swift' else 'S3'} over HTTP :{rgw_port} "
                      f"(RGW user {uid})--> radosgw {rgw_host}:{rgw_port}")

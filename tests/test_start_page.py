@@ -42,6 +42,19 @@ def test_svg_draws_every_registry_host_and_escapes_text():
     assert "<b>&'x'</b>" in words
 
 
+@pytest.mark.parametrize("runtime, client, runs, tools, ca", [
+    ("docker", "docker", "registry:2", "docker / skopeo", "/etc/docker/"),
+    ("podman", "podman", "registry:2 in podman", "podman / skopeo", "/etc/containers/"),
+    ("systemd", "skopeo", "registry (systemd unit)", "skopeo", "/etc/containers/"),
+])
+def test_picture_names_the_runtime_and_the_clients_the_parameters_choose(runtime, client, runs, tools, ca):
+    words = " ".join(t.text or "" for t in ET.fromstring(diagram.svg(**LAB_PARAMS, runtime=runtime, client=client))
+                     .iter("{http://www.w3.org/2000/svg}text"))
+    assert f"{runs}  :8000" in words and tools in words and f"trust the CA in {ca}" in words, words
+    text = diagram.describe(**LAB_PARAMS, runtime=runtime, client=client)
+    assert f"({tools}; CA in {ca}certs.d)" in text and f"({runs})" in text, text
+
+
 def test_topology_object_shows_svg_in_jupyter_and_text_elsewhere():
     t = diagram.Topology(**LAB_PARAMS, storage="s3", dry_run=False, state_dir="")
     assert t._repr_svg_().startswith("<svg")
