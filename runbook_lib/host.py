@@ -80,6 +80,29 @@ def become_problem(output: str, user: str) -> tuple[str, str] | None:
             "check sudo on that host (sudo -n true must succeed as the SSH user)")
 
 
+# What `systemctl is-enabled` / `is-active` exit 0 for (systemctl(1)), so that one `systemctl show`
+# answers what those two commands would.
+ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "static", "alias", "indirect", "generated", "transient"})
+ACTIVE_STATES = frozenset({"active", "reloading", "refreshing"})
+UNIT_PROPS = "UnitFileState,ActiveState,MainPID"
+
+
+def parse_unit_states(text: str, units) -> dict:
+    """`systemctl show -p UnitFileState,ActiveState,MainPID U1 U2...` (one block per unit, in order,
+    blank-line separated; properties in systemd's order) -> {unit: {"enabled", "active", "pid"}}.
+    A unit whose block is missing counts as disabled, inactive, pid 0."""
+    blocks = [dict(line.partition("=")[::2] for line in b.splitlines() if "=" in line)
+              for b in text.strip().split("\n\n")] if text.strip() else []
+    out = {}
+    for i, u in enumerate(units):
+        b = blocks[i] if i < len(blocks) else {}
+        pid = b.get("MainPID", "").strip()
+        out[u] = {"enabled": b.get("UnitFileState", "").strip() in ENABLED_STATES,
+                  "active": b.get("ActiveState", "").strip() in ACTIVE_STATES,
+                  "pid": int(pid) if pid.isdigit() else 0}
+    return out
+
+
 class Host:
     """Common logic; subclasses implement _exec (and may override _write, _read_bytes)."""
 
@@ -173,6 +196,13 @@ class Host:
         if "systemd" not in self._facts:
             self._facts["systemd"] = self.test(Command("test -d /run/systemd/system"))
         return self._facts["systemd"]
+
+    def unit_states(self, *units: str) -> dict:
+        """{unit: {"enabled", "active", "pid"}} for systemd units, in one read (instead of
+        is-enabled, is-active and show -p MainPID per unit).  Call only where has_systemd()."""
+        r = self.run(cmd("systemctl show -p {props} {units}", props=UNIT_PROPS, units=list(units)),
+                     read=True, check=False)
+        return parse_unit_states(r.stdout if r.exit_code == 0 else "", units)
 
     def close(self):
         pass

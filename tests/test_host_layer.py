@@ -6,7 +6,7 @@ import shlex
 import pytest
 
 from runbook_lib import errors, journal, masking
-from runbook_lib.host import Command, LocalHost, argv, cmd
+from runbook_lib.host import Command, LocalHost, argv, cmd, parse_unit_states
 from runbook_lib.steps import step
 
 HOSTILE = ["a b", "it's", 'say "hi"', "x; rm -rf /tmp/nothing", "$(id)", "`id`", "a\nb", "*", "--flag", ""]
@@ -146,3 +146,17 @@ def test_local_host_as_root_never_wraps_in_sudo():
     if os.geteuid() == 0:
         assert h.check_become() == "root" and not h.uses_sudo
         assert h.run(cmd("id -u"), read=True).stdout.strip() == "0"
+
+
+def test_unit_states_answer_as_is_enabled_and_is_active_would():
+    out = ("MainPID=1026\nActiveState=active\nUnitFileState=enabled\n\n"
+           "MainPID=0\nActiveState=inactive\nUnitFileState=disabled\n\n"
+           "MainPID=0\nActiveState=reloading\nUnitFileState=static\n\n"
+           "MainPID=0\nActiveState=failed\nUnitFileState=masked\n")
+    assert parse_unit_states(out, ["a", "b", "c", "d"]) == {
+        "a": {"enabled": True, "active": True, "pid": 1026},
+        "b": {"enabled": False, "active": False, "pid": 0},
+        "c": {"enabled": True, "active": True, "pid": 0},
+        "d": {"enabled": False, "active": False, "pid": 0}}
+    # systemctl missing or failing: nothing enabled, nothing active
+    assert parse_unit_states("", ["x"]) == {"x": {"enabled": False, "active": False, "pid": 0}}
