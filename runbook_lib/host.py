@@ -103,6 +103,19 @@ def parse_unit_states(text: str, units) -> dict:
     return out
 
 
+def parse_hash_modes(text: str, n: int) -> list[tuple[str, str]]:
+    """put_files' probe (a line "SHA256 MODE" per file, "-" for a missing one) -> n (sha, mode)
+    pairs, "" for what is unknown (then the file is written)."""
+    out = []
+    lines = text.splitlines()
+    for i in range(n):
+        parts = lines[i].split() if i < len(lines) else []
+        sha = parts[0] if parts and parts[0] != "-" else ""
+        mode = parts[1] if len(parts) > 1 and parts[1] != "-" else ""
+        out.append((sha, mode))
+    return out
+
+
 class Host:
     """Common logic; subclasses implement _exec (and may override _write, _read_bytes)."""
 
@@ -158,19 +171,22 @@ class Host:
         return data
 
     def put_file(self, path: str, content: str | bytes, *, mode: int = 0o644, secret: bool = False,
-                 mkdir: bool = True) -> Result:
+                 mkdir: bool = True, _have: tuple[str, str] | None = None) -> Result:
         """Write a file only if its content or mode differs (idempotent: changed/ok).
 
         secret: the content is a secret (key, htpasswd, config with passwords):
         it is never recorded, and the file is created with its mode from the start.
+        _have: (sha256, octal mode) already read by put_files.
         """
         if isinstance(content, str):
             content = content.encode()
         want = hashlib.sha256(content).hexdigest()
-        probe = self.run(cmd("sha256sum {p} 2>/dev/null; stat -c %a {p} 2>/dev/null; true", p=path), read=True)
-        lines = probe.stdout.split()
-        same_content = bool(lines) and lines[0] == want
-        same_mode = len(lines) >= 3 and lines[2] == format(mode, "o")
+        if _have is None:
+            probe = self.run(cmd("sha256sum {p} 2>/dev/null; stat -c %a {p} 2>/dev/null; true", p=path), read=True)
+            lines = probe.stdout.split()
+            _have = (lines[0] if lines else "", lines[2] if len(lines) >= 3 else "")
+        same_content = _have[0] == want
+        same_mode = _have[1] == format(mode, "o")
         what = f"write {path} (mode {mode:o}, {len(content)} bytes, sha256 {want[:12]})"
         if same_content and same_mode:
             return record(Result(self.name, what, 0, kind="file", read=True, changed=False, become=self.uses_sudo))
@@ -186,6 +202,17 @@ class Host:
             self._write(path, content, mode)
         return record(Result(self.name, what, 0, duration=time.monotonic() - t0, kind="file", changed=True,
                              no_log=secret, become=self.uses_sudo))
+
+    def put_files(self, files) -> list[Result]:
+        """put_file for several files [(path, content, mode, secret)], with ONE read of all their
+        hashes and modes (a command per file otherwise); each write is recorded as put_file's."""
+        files = list(files)
+        if not files:
+            return []
+        probe = self.run(cmd("for p in {ps}; do h=$(sha256sum \"$p\" 2>/dev/null) || h=-; m=$(stat -c %a \"$p\" "
+                             "2>/dev/null) || m=-; echo \"${{h%% *}} $m\"; done", ps=[f[0] for f in files]), read=True)
+        have = parse_hash_modes(probe.stdout, len(files))
+        return [self.put_file(p, c, mode=m, secret=sec, _have=hv) for (p, c, m, sec), hv in zip(files, have)]
 
     def exists(self, path: str) -> bool:
         return self.test(cmd("test -e {p}", p=path))
