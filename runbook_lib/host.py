@@ -51,6 +51,7 @@ def argv(*words) -> Command:
     return Command(quote(list(words)))
 
 
+SYSTEMD_TEST = Command("test -d /run/systemd/system")  # systemd is PID 1 (sd_booted's test)
 BECOME_CHECK = Command('if [ "$(id -u)" = 0 ]; then echo root; else sudo -n true 2>&1 && echo sudo; fi')
 
 
@@ -221,8 +222,12 @@ class Host:
     def has_systemd(self) -> bool:
         """systemd as PID 1 (real hosts usually; the lab's namespaces never)."""
         if "systemd" not in self._facts:
-            self._facts["systemd"] = self.test(Command("test -d /run/systemd/system"))
+            self._facts["systemd"] = self.test(SYSTEMD_TEST)
         return self._facts["systemd"]
+
+    def learned_systemd(self, answer: bool) -> None:
+        """A combined probe ran SYSTEMD_TEST already: has_systemd() takes its answer (no command)."""
+        self._facts.setdefault("systemd", bool(answer))
 
     def unit_states(self, *units: str) -> dict:
         """{unit: {"enabled", "active", "pid"}} for systemd units, in one read (instead of

@@ -44,7 +44,7 @@ import yaml
 
 from . import certs, journal, masking, packages, params as P, steps
 from .errors import ParameterError, RunbookError
-from .host import Command, cmd
+from .host import SYSTEMD_TEST, Command, cmd
 from .journal import Result
 from .steps import step
 
@@ -861,7 +861,10 @@ def host_runtimes(h) -> dict:
     or None, "podman": version or None, "systemd": bool, "pkg": apt-get|dnf|yum|None,
     "selinux": getenforce's answer or None}."""
     probe = " ".join(f"command -v {t} >/dev/null 2>&1 && echo have-{t};" for t in HOST_TOOLS)
+    probe += f" {SYSTEMD_TEST} && echo have-systemd; echo probed"  # has_systemd's question, in the same command
     have = set(h.run(cmd("sh -c {s}", s=probe), read=True, check=False).stdout.split())
+    if "probed" in have:  # the probe ran to its end: its systemd answer holds
+        h.learned_systemd("have-systemd" in have)
     out = {"docker": None, "podman": None, "systemd": h.has_systemd(), "selinux": None,
            "pkg": next((t for t in ("apt-get", "dnf", "yum") if f"have-{t}" in have), None)}
     if "have-docker" in have:
