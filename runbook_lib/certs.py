@@ -442,10 +442,12 @@ def ensure_ca(ctx, decided: dict | None = None):
             ca, key = make_ca()
             kp = key_pem(key)
             register_pem(kp)
-            loc.put_file(kf, kp, mode=0o600, secret=True)
+            # key and certificate with one read of both (the key first, as before)
+            loc.put_files([(kf, kp, 0o600, True), (caf, ca.public_bytes(serialization.Encoding.PEM), 0o644, False)])
             decided["ca"], decided["ca_key"] = ca, key
             decided["reasons"] = ["new CA"]
-        loc.put_file(caf, ca.public_bytes(serialization.Encoding.PEM), mode=0o644)
+        else:
+            loc.put_file(caf, ca.public_bytes(serialization.Encoding.PEM), mode=0o644)
     else:
         if os.path.exists(kf):
             # switching from our own CA to a given one: keep the old pair aside, never delete a key
@@ -476,8 +478,7 @@ def ensure_cert(ctx, decided: dict | None = None):
         cp = _read(cert_path(ctx))
         kp = _read(key_path(ctx))
     register_pem(kp)
-    loc.put_file(key_path(ctx), kp, mode=0o600, secret=True)
-    loc.put_file(cert_path(ctx), cp, mode=0o644)
+    loc.put_files([(key_path(ctx), kp, 0o600, True), (cert_path(ctx), cp, 0o644, False)])  # one read for both
     steps.row(**summary(cert, "registry"))
     return cert
 

@@ -51,6 +51,7 @@ def argv(*words) -> Command:
     return Command(quote(list(words)))
 
 
+SYSTEMD_TEST = Command("test -d /run/systemd/system")  # systemd is PID 1 (sd_booted's test)
 BECOME_CHECK = Command('if [ "$(id -u)" = 0 ]; then echo root; else sudo -n true 2>&1 && echo sudo; fi')
 
 
@@ -78,6 +79,42 @@ def become_problem(output: str, user: str) -> tuple[str, str] | None:
                 f"add '{fix_rule}' to /etc/sudoers.d/{user} (mode 0440), or log in as root")
     return (f"become: sudo -n true failed for {user}: {output.strip()[-300:]}",
             "check sudo on that host (sudo -n true must succeed as the SSH user)")
+
+
+# What `systemctl is-enabled` / `is-active` exit 0 for (systemctl(1)), so that one `systemctl show`
+# answers what those two commands would.
+ENABLED_STATES = frozenset({"enabled", "enabled-runtime", "static", "alias", "indirect", "generated", "transient"})
+ACTIVE_STATES = frozenset({"active", "reloading", "refreshing"})
+UNIT_PROPS = "UnitFileState,ActiveState,MainPID"
+
+
+def parse_unit_states(text: str, units) -> dict:
+    """`systemctl show -p UnitFileState,ActiveState,MainPID U1 U2...` (one block per unit, in order,
+    blank-line separated; properties in systemd's order) -> {unit: {"enabled", "active", "pid"}}.
+    A unit whose block is missing counts as disabled, inactive, pid 0."""
+    blocks = [dict(line.partition("=")[::2] for line in b.splitlines() if "=" in line)
+              for b in text.strip().split("\n\n")] if text.strip() else []
+    out = {}
+    for i, u in enumerate(units):
+        b = blocks[i] if i < len(blocks) else {}
+        pid = b.get("MainPID", "").strip()
+        out[u] = {"enabled": b.get("UnitFileState", "").strip() in ENABLED_STATES,
+                  "active": b.get("ActiveState", "").strip() in ACTIVE_STATES,
+                  "pid": int(pid) if pid.isdigit() else 0}
+    return out
+
+
+def parse_hash_modes(text: str, n: int) -> list[tuple[str, str]]:
+    """put_files' probe (a line "SHA256 MODE" per file, "-" for a missing one) -> n (sha, mode)
+    pairs, "" for what is unknown (then the file is written)."""
+    out = []
+    lines = text.splitlines()
+    for i in range(n):
+        parts = lines[i].split() if i < len(lines) else []
+        sha = parts[0] if parts and parts[0] != "-" else ""
+        mode = parts[1] if len(parts) > 1 and parts[1] != "-" else ""
+        out.append((sha, mode))
+    return out
 
 
 class Host:
@@ -135,19 +172,22 @@ class Host:
         return data
 
     def put_file(self, path: str, content: str | bytes, *, mode: int = 0o644, secret: bool = False,
-                 mkdir: bool = True) -> Result:
+                 mkdir: bool = True, _have: tuple[str, str] | None = None) -> Result:
         """Write a file only if its content or mode differs (idempotent: changed/ok).
 
         secret: the content is a secret (key, htpasswd, config with passwords):
         it is never recorded, and the file is created with its mode from the start.
+        _have: (sha256, octal mode) already read by put_files.
         """
         if isinstance(content, str):
             content = content.encode()
         want = hashlib.sha256(content).hexdigest()
-        probe = self.run(cmd("sha256sum {p} 2>/dev/null; stat -c %a {p} 2>/dev/null; true", p=path), read=True)
-        lines = probe.stdout.split()
-        same_content = bool(lines) and lines[0] == want
-        same_mode = len(lines) >= 3 and lines[2] == format(mode, "o")
+        if _have is None:
+            probe = self.run(cmd("sha256sum {p} 2>/dev/null; stat -c %a {p} 2>/dev/null; true", p=path), read=True)
+            lines = probe.stdout.split()
+            _have = (lines[0] if lines else "", lines[2] if len(lines) >= 3 else "")
+        same_content = _have[0] == want
+        same_mode = _have[1] == format(mode, "o")
         what = f"write {path} (mode {mode:o}, {len(content)} bytes, sha256 {want[:12]})"
         if same_content and same_mode:
             return record(Result(self.name, what, 0, kind="file", read=True, changed=False, become=self.uses_sudo))
@@ -164,6 +204,17 @@ class Host:
         return record(Result(self.name, what, 0, duration=time.monotonic() - t0, kind="file", changed=True,
                              no_log=secret, become=self.uses_sudo))
 
+    def put_files(self, files) -> list[Result]:
+        """put_file for several files [(path, content, mode, secret)], with ONE read of all their
+        hashes and modes (a command per file otherwise); each write is recorded as put_file's."""
+        files = list(files)
+        if not files:
+            return []
+        probe = self.run(cmd("for p in {ps}; do h=$(sha256sum \"$p\" 2>/dev/null) || h=-; m=$(stat -c %a \"$p\" "
+                             "2>/dev/null) || m=-; echo \"${{h%% *}} $m\"; done", ps=[f[0] for f in files]), read=True)
+        have = parse_hash_modes(probe.stdout, len(files))
+        return [self.put_file(p, c, mode=m, secret=sec, _have=hv) for (p, c, m, sec), hv in zip(files, have)]
+
     def exists(self, path: str) -> bool:
         return self.test(cmd("test -e {p}", p=path))
 
@@ -171,8 +222,19 @@ class Host:
     def has_systemd(self) -> bool:
         """systemd as PID 1 (real hosts usually; the lab's namespaces never)."""
         if "systemd" not in self._facts:
-            self._facts["systemd"] = self.test(Command("test -d /run/systemd/system"))
+            self._facts["systemd"] = self.test(SYSTEMD_TEST)
         return self._facts["systemd"]
+
+    def learned_systemd(self, answer: bool) -> None:
+        """A combined probe ran SYSTEMD_TEST already: has_systemd() takes its answer (no command)."""
+        self._facts.setdefault("systemd", bool(answer))
+
+    def unit_states(self, *units: str) -> dict:
+        """{unit: {"enabled", "active", "pid"}} for systemd units, in one read (instead of
+        is-enabled, is-active and show -p MainPID per unit).  Call only where has_systemd()."""
+        r = self.run(cmd("systemctl show -p {props} {units}", props=UNIT_PROPS, units=list(units)),
+                     read=True, check=False)
+        return parse_unit_states(r.stdout if r.exit_code == 0 else "", units)
 
     def close(self):
         pass

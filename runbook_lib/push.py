@@ -655,32 +655,49 @@ def login(ctx):
     return path
 
 
-def _tag_engine(ctx) -> None:
+def parse_inspects(text: str, n: int) -> list[tuple[str, list]]:
+    """_tag_engine's read (a line "ID REPODIGESTS-JSON" per image, "-" for a missing one) -> n
+    (id, repo digests); ("", []) for a missing or unreadable image.  (Pure.)"""
+    out = []
+    lines = text.splitlines()
+    for i in range(n):
+        iid, _, rest = (lines[i] if i < len(lines) else "").strip().partition(" ")
+        try:
+            digests = json.loads(rest) if rest else []
+        except ValueError:
+            digests = []
+        out.append(("" if iid in ("", "-") else iid, digests if isinstance(digests, list) else []))
+    return out
+
+
+def _tag_engine(ctx) -> list:
+    """Tag image_name as the registry's ref unless it already names the same image.  Returns the
+    repo digests the ref's image then has (for _pushed_already): both images are read in one
+    command (ids and digests), instead of three `image inspect` one after the other."""
     h, image, ref, eng = _client(ctx), ctx.params["image_name"], remote_ref(ctx), _engine(ctx)
-    fmt = "{{.Id}}"
-    src = h.run(cmd("{e} image inspect --format {f} {i}", e=eng, f=fmt, i=image), read=True, check=False).stdout.strip()
-    dst = h.run(cmd("{e} image inspect --format {f} {i}", e=eng, f=fmt, i=ref), read=True, check=False).stdout.strip()
+    fmt = "{{.Id}} {{json .RepoDigests}}"
+    r = h.run(cmd("for i in {imgs}; do {e} image inspect --format {f} \"$i\" 2>/dev/null || echo -; done",
+                  imgs=[image, ref], e=eng, f=fmt), read=True, check=False)
+    (src, src_digests), (dst, dst_digests) = parse_inspects(r.stdout, 2)
     if src and src == dst:
         fact("tag", f"{ref} (already on {src[:19]})")
-        return
-    h.run(cmd("{e} tag {a} {b}", e=eng, a=image, b=ref))
+        return dst_digests
+    t = h.run(cmd("{e} tag {a} {b}", e=eng, a=image, b=ref))
     fact("tag", ref)
+    # repo digests belong to the image, not to a name: after the tag the ref names src's image
+    # (dry-run: the tag did not happen, the ref still names what it named)
+    return dst_digests if t.skipped else src_digests
 
 
-def _pushed_already(ctx, reg_digest: str | None) -> bool:
+def _pushed_already(ctx, reg_digest: str | None, known: list) -> bool:
     """Does the local image already know the registry's digest (it pushed, or pulled back, exactly
     that)?  docker records it on push; podman on pull (05's pull back), and it also lists every name
-    of the image with the digest of its local manifest — which then names this very image too."""
+    of the image with the digest of its local manifest — which then names this very image too.
+    known: the repo digests of the ref's image (from _tag_engine's read)."""
     if not reg_digest:
         return False
     repo, _ = split_image(ctx.params["image_name"])
-    r = _client(ctx).run(cmd("{e} image inspect --format {f} {i}", e=_engine(ctx), f="{{json .RepoDigests}}",
-                             i=remote_ref(ctx)), read=True, check=False)
-    try:
-        known = json.loads(r.stdout or "[]") or []
-    except ValueError:
-        known = []
-    return f"{target(ctx)}/{repo}@{reg_digest}" in known
+    return f"{target(ctx)}/{repo}@{reg_digest}" in (known or [])
 
 
 @step("Push {ctx.params[image_name]} to {ctx.params[registry_host]}:{ctx.params[registry_port]}")
@@ -700,8 +717,8 @@ def push(ctx):
         return None
     fact("registry had", reg or "nothing under that tag")
     if client in ("docker", "podman"):
-        _tag_engine(ctx)
-        if _pushed_already(ctx, reg):
+        known = _tag_engine(ctx)
+        if _pushed_already(ctx, reg, known):
             note("the registry already has this image at that digest: not pushed again.")
             m["client_digest"] = reg
             fact("digest", reg)
@@ -840,9 +857,12 @@ def _storage(ctx) -> dict:
     h = ctx.host(P.as_list(ctx.params["registry_host"])[0])
     from . import registry
     mounts = {}
-    eng = registry.container_engine(h)  # docker's or podman's (runtime=podman) container: the same mounts
-    r = h.run(cmd("{e} inspect --format {f} {n}", e=eng or "docker", n=registry.CONTAINER_NAME,
-                  f="{{range .Mounts}}{{.Destination}}={{.Source}}\n{{end}}"), read=True, check=False, timeout=30)
+    # docker's or podman's (runtime=podman) container: the same mounts; the first engine that has
+    # it answers (one command: registry.container_engine and then an inspect would be two)
+    r = h.run(cmd("for e in {engines}; do command -v \"$e\" >/dev/null 2>&1 && \"$e\" inspect --type container "
+                  "--format {f} {n} 2>/dev/null && exit 0; done; exit 1", engines=list(registry.CONTAINER_RUNTIMES),
+                  n=registry.CONTAINER_NAME, f="{{range .Mounts}}{{.Destination}}={{.Source}}\n{{end}}"),
+              read=True, check=False, timeout=30)
     if r.exit_code == 0:
         for line in r.stdout.splitlines():
             dst, _, src = line.partition("=")

@@ -44,7 +44,7 @@ import yaml
 
 from . import certs, journal, masking, packages, params as P, steps
 from .errors import ParameterError, RunbookError
-from .host import Command, cmd
+from .host import SYSTEMD_TEST, Command, cmd
 from .journal import Result
 from .steps import step
 
@@ -665,8 +665,9 @@ def configure(ctx):
     hosts = ctx.hosts(ctx.registry_host)
 
     def put(h):
-        for p, (content, mode) in files.items():
-            h.put_file(p, content, mode=_secret_mode(ctx, h) if mode == 0o600 else mode, secret=mode == 0o600)
+        # one read of every file's hash and mode, then only the writes needed
+        h.put_files([(p, content, _secret_mode(ctx, h) if mode == 0o600 else mode, mode == 0o600)
+                     for p, (content, mode) in files.items()])
         if ctx.storage == "filesystem" and ctx.runtime in CONTAINER_RUNTIMES:
             h.run(cmd("test -d {d} || mkdir -p {d}", d=f"{ctx.remote_dir}/data"),
                   changed=not h.exists(f"{ctx.remote_dir}/data"))
@@ -860,7 +861,10 @@ def host_runtimes(h) -> dict:
     or None, "podman": version or None, "systemd": bool, "pkg": apt-get|dnf|yum|None,
     "selinux": getenforce's answer or None}."""
     probe = " ".join(f"command -v {t} >/dev/null 2>&1 && echo have-{t};" for t in HOST_TOOLS)
+    probe += f" {SYSTEMD_TEST} && echo have-systemd; echo probed"  # has_systemd's question, in the same command
     have = set(h.run(cmd("sh -c {s}", s=probe), read=True, check=False).stdout.split())
+    if "probed" in have:  # the probe ran to its end: its systemd answer holds
+        h.learned_systemd("have-systemd" in have)
     out = {"docker": None, "podman": None, "systemd": h.has_systemd(), "selinux": None,
            "pkg": next((t for t in ("apt-get", "dnf", "yum") if f"have-{t}" in have), None)}
     if "have-docker" in have:
@@ -1066,8 +1070,10 @@ def start(ctx):
 
     def one(h):
         if rt == "docker":
-            _stop_other_daemon(h)
-            if h.has_systemd() and h.test(cmd("systemctl is-enabled --quiet {u}", u=PODMAN_UNIT)):
+            # one read for both units another runtime may have left (instead of is-active + is-enabled)
+            units = h.unit_states("docker-registry", PODMAN_UNIT) if h.has_systemd() else None
+            _stop_other_daemon(h, units)
+            if units and units[PODMAN_UNIT]["enabled"]:
                 h.run(cmd("systemctl disable --now {u}", u=PODMAN_UNIT))  # runtime podman before: its port
             label, running = _docker_state(h)
             if label == digest and running:
@@ -1107,11 +1113,15 @@ def start(ctx):
     return digest
 
 
-def _stop_other_daemon(h):
+def _stop_other_daemon(h, units: dict | None = None):
+    """The registry of runtime=systemd (our daemon, or its unit) makes way.  units: h.unit_states
+    already read for docker-registry (or None: asked here)."""
     old, running = _daemon_state(h)
     if running:
         _stop_daemon(h)
-    if h.has_systemd() and h.test(cmd("systemctl is-active --quiet docker-registry")):
+    if units is None and h.has_systemd():
+        units = h.unit_states("docker-registry")
+    if units and units["docker-registry"]["active"]:
         h.run(cmd("systemctl disable --now docker-registry"))
 
 

@@ -150,6 +150,23 @@ def parse_listeners(ss_output: str) -> list[dict]:
     return out
 
 
+def parse_auth_get(text: str) -> tuple[str | None, dict]:
+    """`ceph auth get ENTITY -f json` -> (key, caps); (None, {}) for anything else."""
+    import json
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None, {}
+    e = d[0] if isinstance(d, list) and d and isinstance(d[0], dict) else {}
+    return (e.get("key") or None), (e.get("caps") or {})
+
+
+def keyring_key(text: str) -> str | None:
+    """The `key = ...` of a keyring file's text, or None."""
+    m = re.search(r"^\s*key\s*=\s*(\S+)\s*$", text or "", re.M)
+    return m.group(1) if m else None
+
+
 def endpoint(ctx) -> str:
     """The RGW's HTTP endpoint, e.g. http://198.18.0.2:7480 (Swift auth is <endpoint>/auth/v1)."""
     h = ctx.params["rgw_host"]
@@ -298,13 +315,11 @@ def create_key(ctx):
     h = ctx.host(ctx.params["rgw_host"])
     fact("entity", p["entity"])
     fact("keyring", p["keyring"])
-    r = h.run(cmd("ceph auth print-key {e}", e=p["entity"]), read=True, check=False, no_log=True)
-    key = r.stdout.strip() if r.exit_code == 0 else None
+    # one read gives the key and its caps (`ceph auth get` exits 2, ENOENT, when there is none)
+    r = h.run(cmd("ceph auth get {e} -f json", e=p["entity"]), read=True, check=False, no_log=True)
+    key, have = parse_auth_get(r.stdout) if r.exit_code == 0 else (None, {})
     if key:
         masking.register(key)
-        caps = h.run(cmd("ceph auth get {e} -f json", e=p["entity"]), read=True, no_log=True)
-        import json
-        have = (json.loads(caps.stdout) or [{}])[0].get("caps", {})
         want = dict(zip(CAPS[::2], CAPS[1::2]))
         if have != want:
             h.run(cmd("ceph auth caps {e} {caps}", e=p["entity"], caps=CAPS))
@@ -313,14 +328,15 @@ def create_key(ctx):
     if key and data and key.encode() in data:
         fact("key", "exists, keyring in place")
         return p["keyring"]
-    h.run(cmd("mkdir -p {d} && ceph auth get-or-create {e} {caps} -o {k} && chmod 600 {k}",
-              d=p["keyring"].rsplit("/", 1)[0], e=p["entity"], caps=CAPS, k=p["keyring"]), no_log=True)
-    if not ctx.dry_run:
-        key = h.run(cmd("ceph auth print-key {e}", e=p["entity"]), read=True, no_log=True).stdout.strip()
-        masking.register(key)
-        # A systemd unit runs radosgw as the ceph user: it must read its keyring.
-        if h.test(Command("id ceph >/dev/null 2>&1")):
-            h.run(cmd("chown -R ceph:ceph {d}", d=p["keyring"].rsplit("/", 1)[0]), changed=False)
+    # One command: the keyring printed back (no_log) gives the key to mask, and a systemd unit runs
+    # radosgw as the ceph user, who must read its keyring (chown where that user exists).
+    r = h.run(cmd("mkdir -p {d} && ceph auth get-or-create {e} {caps} -o {k} && chmod 600 {k} && "
+                  "{{ if id ceph >/dev/null 2>&1; then chown -R ceph:ceph {d}; fi; }} && cat {k}",
+                  d=p["keyring"].rsplit("/", 1)[0], e=p["entity"], caps=CAPS, k=p["keyring"]), no_log=True)
+    if not r.skipped:
+        key = keyring_key(r.stdout)
+        if key:
+            masking.register(key)
     fact("key", "created" if not ctx.dry_run else "would be created")
     _state(ctx)["restart"] = True
     return p["keyring"]
@@ -415,11 +431,10 @@ def start(ctx, timeout: float = 60):
         h = ctx.host(rgw_host)
         restart = st.get("restart", False)
         if st.get("systemd", h.has_systemd()):
-            enabled = h.test(cmd("systemctl is-enabled --quiet {u}", u=p["unit"]))
-            active = h.test(cmd("systemctl is-active --quiet {u}", u=p["unit"]))
+            u = h.unit_states(p["unit"])[p["unit"]]  # enabled, active and MainPID in one read
+            enabled, active = u["enabled"], u["active"]
             if active and not restart:
-                main = h.run(cmd("systemctl show -p MainPID --value {u}", u=p["unit"]), read=True).stdout.strip()
-                restart = main.isdigit() and int(main) > 0 and _newer_than_process(h, int(main), [CONF, p["keyring"]])
+                restart = u["pid"] > 0 and _newer_than_process(h, u["pid"], [CONF, p["keyring"]])
             if not (enabled and active):
                 h.run(cmd("systemctl enable --now {u}", u=p["unit"]))
             elif restart:

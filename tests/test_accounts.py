@@ -86,6 +86,76 @@ def test_sigv4_matches_aws_examples(url, signature):
         f"SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}")
 
 
+class _FakeRGW:
+    """A host whose radosgw-admin is a dict: records every command, answers like the real one
+    (user info exits 22 for an unknown uid; each change prints the updated user)."""
+
+    name = "fake-rgw"
+
+    def __init__(self, dry_run=False):
+        self.dry_run, self.user, self.ran = dry_run, None, []
+
+    def _json(self):
+        u = self.user
+        return json.dumps({"user_id": u["uid"], "display_name": u["name"], "suspended": 0,
+                           "subusers": [{"id": s, "permissions": "full-control"} for s in u["subs"]],
+                           "keys": [{"user": u["uid"], "access_key": "AK" + "x" * 18, "secret_key": S3_SECRET}],
+                           "swift_keys": [{"user": s, "secret_key": SWIFT_SECRET} for s in u["subs"]]})
+
+    def run(self, c, read=False, check=True, no_log=False, **kw):
+        from runbook_lib.journal import Result
+        c = str(c)
+        self.ran.append(c)
+        if self.dry_run and not read:
+            return Result(self.name, c, None, skipped=True)
+        if "user info" in c:
+            return Result(self.name, c, 0, self._json()) if self.user else Result(self.name, c, 22, "", "no user")
+        if "subuser create" in c:
+            self.user["subs"].append("demo:swift")
+        elif "user create" in c:
+            self.user = {"uid": "demo", "name": "ceph rgw demo user", "subs": []}
+        return Result(self.name, c, 0, self._json())
+
+
+class _FakeCtx:
+    def __init__(self, h):
+        self.h, self.dry_run = h, h.dry_run
+        self.params = {"uid": "demo", "rgw_host": "fake", "rgw_port": 7480}
+
+    def host(self, addr):
+        return self.h
+
+
+def _section_steps(ctx):
+    accounts.preflight(ctx)
+    for s in (accounts.create_user, accounts.create_subuser, accounts.create_swift_key, accounts.create_s3_keys,
+              accounts.show):
+        s(ctx)
+
+
+def test_steps_decide_from_one_read_and_the_changes_output():
+    h = _FakeRGW()
+    _section_steps(_FakeCtx(h))
+    assert [c.split(" --")[0] for c in h.ran] == [
+        "timeout 60 radosgw-admin user info", "radosgw-admin user create", "radosgw-admin subuser create"]
+    # a re-run: the preflight's read is all the steps need
+    h.ran.clear()
+    ctx = _FakeCtx(h)
+    _section_steps(ctx)
+    assert h.ran == ["timeout 60 radosgw-admin user info --uid=demo"]
+    assert accounts.known_user(ctx)["subusers"] == {"demo:swift": "full-control"}
+
+
+def test_dry_run_steps_see_the_real_state_not_the_plan():
+    h = _FakeRGW(dry_run=True)
+    ctx = _FakeCtx(h)
+    _section_steps(ctx)
+    assert [c.split(" --")[0] for c in h.ran] == [
+        "timeout 60 radosgw-admin user info", "radosgw-admin user create", "radosgw-admin subuser create",
+        "radosgw-admin key create", "radosgw-admin key create"]  # every key would be made: nothing exists
+    assert h.user is None and accounts.known_user(ctx) is None
+
+
 # -- lab ---------------------------------------------------------------------------------
 
 def ssh_host(lab):

@@ -6,7 +6,7 @@ import shlex
 import pytest
 
 from runbook_lib import errors, journal, masking
-from runbook_lib.host import Command, LocalHost, argv, cmd
+from runbook_lib.host import Command, LocalHost, argv, cmd, parse_hash_modes, parse_unit_states
 from runbook_lib.steps import step
 
 HOSTILE = ["a b", "it's", 'say "hi"', "x; rm -rf /tmp/nothing", "$(id)", "`id`", "a\nb", "*", "--flag", ""]
@@ -114,6 +114,35 @@ def test_put_file_is_idempotent_and_sets_mode(tmp_path):
     assert open(p).read() == "a=2\n"
 
 
+def test_put_files_reads_every_file_once_and_writes_only_what_differs(tmp_path):
+    h = LocalHost()
+    a, b = str(tmp_path / "a b.pem"), str(tmp_path / "sub" / "c.yml")
+    files = [(a, "A\n", 0o644, False), (b, "B\n", 0o600, True)]
+    assert [r.changed for r in h.put_files(files)] == [True, True]
+    assert oct(os.stat(b).st_mode & 0o777) == "0o600"
+    with journal_capture() as seen:
+        assert [r.changed for r in h.put_files(files)] == [False, False]
+    assert sum(1 for e in seen if e["kind"] == "cmd") == 1  # one read for both
+    assert [r.changed for r in h.put_files([(a, "A\n", 0o600, False), (b, "C\n", 0o600, True)])] == [True, True]
+    assert oct(os.stat(a).st_mode & 0o777) == "0o600" and open(b).read() == "C\n"
+
+
+def test_parse_hash_modes_marks_missing_files_unknown():
+    assert parse_hash_modes("abc 644\n- -\n", 3) == [("abc", "644"), ("", ""), ("", "")]
+
+
+def journal_capture():
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        n = len(journal._entries)
+        out = []
+        yield out
+        out.extend(journal._entries[n:])
+    return cm()
+
+
 def test_short_secrets_are_refused():
     with pytest.raises(ValueError):
         masking.register("abc")
@@ -146,3 +175,17 @@ def test_local_host_as_root_never_wraps_in_sudo():
     if os.geteuid() == 0:
         assert h.check_become() == "root" and not h.uses_sudo
         assert h.run(cmd("id -u"), read=True).stdout.strip() == "0"
+
+
+def test_unit_states_answer_as_is_enabled_and_is_active_would():
+    out = ("MainPID=1026\nActiveState=active\nUnitFileState=enabled\n\n"
+           "MainPID=0\nActiveState=inactive\nUnitFileState=disabled\n\n"
+           "MainPID=0\nActiveState=reloading\nUnitFileState=static\n\n"
+           "MainPID=0\nActiveState=failed\nUnitFileState=masked\n")
+    assert parse_unit_states(out, ["a", "b", "c", "d"]) == {
+        "a": {"enabled": True, "active": True, "pid": 1026},
+        "b": {"enabled": False, "active": False, "pid": 0},
+        "c": {"enabled": True, "active": True, "pid": 0},
+        "d": {"enabled": False, "active": False, "pid": 0}}
+    # systemctl missing or failing: nothing enabled, nothing active
+    assert parse_unit_states("", ["x"]) == {"x": {"enabled": False, "active": False, "pid": 0}}

@@ -25,6 +25,14 @@ DOCKER_CA = pathlib.Path(P.DOCKER_CERTS) / TARGET / "ca.crt"
 
 # -- unit: pure helpers -----------------------------------------------------------------------
 
+def test_parse_inspects_one_line_per_image_missing_ones_empty():
+    text = ('sha256:aaa ["198.18.0.3:8000/demo/hello@sha256:bbb"]\n'
+            '-\n')
+    assert P.parse_inspects(text, 3) == [("sha256:aaa", ["198.18.0.3:8000/demo/hello@sha256:bbb"]),
+                                            ("", []), ("", [])]
+    assert P.parse_inspects("sha256:aaa null\nsha256:ccc []\n", 2) == [("sha256:aaa", []), ("sha256:ccc", [])]
+
+
 def test_split_image():
     assert P.split_image("prom/node-exporter:v0.16.0") == ("prom/node-exporter", "v0.16.0")
     assert P.split_image("busybox") == ("busybox", "latest")

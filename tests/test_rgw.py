@@ -106,6 +106,19 @@ def test_parse_listeners():
     ]
 
 
+def test_parse_auth_get_gives_key_and_caps():
+    out = '[{"entity":"client.rgw.ceph1","key":"AQBkey==","caps":{"mgr":"allow rw","mon":"allow rw"}}]'
+    assert rgw.parse_auth_get(out) == ("AQBkey==", {"mgr": "allow rw", "mon": "allow rw"})
+    for bad in ("", "Error ENOENT: failed to find client.rgw.x in keyring", "[]", "{}"):
+        assert rgw.parse_auth_get(bad) == (None, {})
+
+
+def test_keyring_key_reads_the_key_line():
+    text = '[client.rgw.ceph1]\n\tkey = AQBkey/+==\n\tcaps mon = "allow rw"\n'
+    assert rgw.keyring_key(text) == "AQBkey/+=="
+    assert rgw.keyring_key("") is None and rgw.keyring_key("[client.x]\n") is None
+
+
 def test_endpoint():
     class C:
         params = {"rgw_host": "198.18.0.2", "rgw_port": 7480}
