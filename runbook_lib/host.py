@@ -13,6 +13,7 @@ A login that is already root needs no sudo.  Modules never write `sudo` themselv
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -370,6 +371,7 @@ class SSHHost(Host):
             ck.update(key_filename=self.key_filename, look_for_keys=False)
         c = fabric.Connection(self.address, user=self.user, port=self.port, connect_timeout=self.connect_timeout,
                               connect_kwargs=ck)
+        c.config.runners.remote = _quick_remote()
         # fabric accepts any host key by default: load known_hosts, reject unknowns.
         if not os.path.exists(self.known_hosts):
             raise HostKeyError(self.name, self.known_hosts, "unknown")
@@ -427,6 +429,17 @@ class SSHHost(Host):
             _unpool(self._login(), self._conn)
             self._conn.close()
             self._conn = None
+
+
+@functools.lru_cache(maxsize=None)  # one class (fabric is imported on the first login only)
+def _quick_remote():
+    """fabric's Remote runner polling every 1 ms instead of invoke's 10 ms (Runner.input_sleep, its
+    loop until a command has ended and its output is read): 12 -> 8 ms a command here."""
+    import fabric.runners
+
+    class QuickRemote(fabric.runners.Remote):
+        input_sleep = 0.001
+    return QuickRemote
 
 
 # Live SSH connections by login (address, user, port, key, known_hosts), shared by the host objects of

@@ -1161,7 +1161,7 @@ def wait_ready(ctx, timeout: float = READY_TIMEOUT, healthy: bool = False):
                                     f"{timeout:.0f}s (last: {last})",
                                     "look at `docker logs registry` (podman: `podman logs registry`, "
                                     f"`journalctl -u {PODMAN_UNIT}`; or /var/log/docker-registry.log) on that host")
-            time.sleep(0.2)
+            time.sleep(0.05)  # a refused connect costs ~1 ms: poll often, answer as soon as it listens
 
 
 def deploy(ctx):
