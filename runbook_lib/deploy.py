@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -186,10 +187,12 @@ def _learn_secrets() -> None:
 
 
 class Records:
-    """What the run folder gets off the critical path: each section's HTML (nbconvert, ~0.1-0.3 s a
-    notebook) and the tool versions, in threads of this process while the next section runs.
-    `wait()` joins them: before run.json is finished and before a failure is reported, so a record
-    is never announced before it exists."""
+    """What the run folder gets off the critical path: each section's HTML (nbconvert, ~0.05 s a
+    notebook) and the tool versions, in threads while the next section runs.  `wait()` joins them:
+    before run.json is finished and before a failure is reported, so a record is never announced
+    before it exists."""
+
+    HEAD_START = 0.15  # seconds a section's HTML waits for the next section to have started
 
     def __init__(self, run_, kernel=None):
         from concurrent.futures import ThreadPoolExecutor
@@ -200,9 +203,16 @@ class Records:
         self.versions_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records-versions")
         self.html: dict = {}  # section name -> (SectionResult, future)
         self.versions = None
+        self._now = threading.Event()  # set by wait(): render without the head start
 
     def render(self, res: "SectionResult") -> None:
-        self.html[res.name] = (res, self.html_pool.submit(self.run.render_html, res.ipynb))
+        self.html[res.name] = (res, self.html_pool.submit(self._render, res.ipynb))
+
+    def _render(self, ipynb):
+        # a head start for this process's main thread, which starts the next section meanwhile: the
+        # render (CPU, the GIL) then runs beside that section's commands, not beside its start
+        self._now.wait(self.HEAD_START)
+        return self.run.render_html(ipynb)
 
     def tool_versions(self, params: dict) -> None:
         if self.kernel is not None:
@@ -223,6 +233,7 @@ class Records:
         self.versions_pool.shutdown(wait=True)
 
     def wait(self, name: str | None = None) -> None:
+        self._now.set()
         if name is None:
             self.fetch_versions()
         for n, (res, fut) in list(self.html.items()):
@@ -358,7 +369,6 @@ def run(ctx, only=None, notebooks_dir=None, timeout: float | None = None) -> Dep
         if kernel:
             # what run_section and the records need first (papermill ~0.2 s, nbconvert's first render
             # ~0.4 s), loaded while the hosts are checked rather than between sections
-            import threading
             threading.Thread(target=_warm_up, name="deploy-warm-up", daemon=True).start()
         if kernel:
             stack.callback(lambda: (kernel.stop(wait=True), kernel.scrub_log()))  # none left behind
