@@ -73,9 +73,17 @@ class _Kernels:
         from jupyter_client import BlockingKernelClient
         self.kc = BlockingKernelClient()
         self.kc.load_connection_info(self.km.get_connection_info())
+        self.kc.allow_stdin = False  # as nbclient's own clients: input() fails instead of hanging
         self.kc.start_channels()
         self.kc.execute("__import__('runbook_lib.deploy')", silent=True, store_history=False)
         self.stoppers = []
+
+    def ready(self):
+        """The notebook's kernel and its client, ready (papermill gets both: nbclient's own
+        client start would wait_for_ready, 0.2 s longer; see kernels.wait_ready)."""
+        from . import kernels
+        kernels.wait_ready(self.kc, self.km)
+        return self.km, self.kc
 
     def stop(self) -> None:
         from . import kernels
@@ -133,9 +141,10 @@ def execute(notebook, params: dict, *, name: str | None = None, runs_dir=None, o
             import papermill as pm
             from papermill.exceptions import PapermillExecutionError
             try:
+                km, kc = kernels.ready()
                 pm.execute_notebook(str(notebook), str(target), parameters=params, engine_name="runbook",
                                     cwd=str(notebook.parent), progress_bar=False, log_output=True,
-                                    km=kernels.km)
+                                    km=km, kc=kc)
             except PapermillExecutionError as e:
                 error = f"{e.ename}: {e.evalue}"
             except KeyboardInterrupt as e:  # a second SIGINT/SIGTERM: stop waiting, still write the records

@@ -43,6 +43,39 @@ def start(kernel_name: str = "python3", cwd=None, stderr=None, extra=()) -> Kern
     return km
 
 
+def wait_ready(kc, km=None, timeout: float = 60) -> None:
+    """Until the kernel answers a kernel_info request on shell AND its iopub reaches us (a status
+    message of that request: nbclient reads every cell's outputs from iopub).  jupyter_client's
+    wait_for_ready does the same, then listens 0.2 s more to flush iopub: twice on a deploy's
+    critical path.  Raises RuntimeError if the kernel dies or does not answer in time."""
+    import zmq
+    shell, iopub = kc.shell_channel, kc.iopub_channel
+    poller = zmq.Poller()
+    poller.register(shell.socket, zmq.POLLIN)
+    poller.register(iopub.socket, zmq.POLLIN)
+    deadline = time.monotonic() + timeout
+    msg_id, replied_at, heard, checked = kc.kernel_info(), None, False, time.monotonic()
+    while True:
+        poller.poll(20)
+        while shell.msg_ready():  # every message queued, not one per wake-up
+            if shell.get_msg(timeout=0)["parent_header"].get("msg_id") == msg_id:
+                replied_at = time.monotonic()
+        while iopub.msg_ready():
+            heard |= iopub.get_msg(timeout=0)["parent_header"].get("msg_id") == msg_id
+        now = time.monotonic()
+        if replied_at is not None and heard:
+            return
+        if replied_at is not None and now - replied_at > 0.1:
+            # up, but its iopub went out before our subscription took: ask again
+            msg_id, replied_at, heard = kc.kernel_info(), None, False
+        if now - checked > 0.5:
+            checked = now
+            if km is not None and not km.is_alive():
+                raise RuntimeError("the kernel died before it was ready (see its log)")
+        if now >= deadline:
+            raise RuntimeError(f"the kernel did not answer within {timeout:.0f} s")
+
+
 def pids(km) -> tuple[int | None, int | None]:
     """(process group, pid) of a kernel, for a signal: the provisioner's, or an attached kernel's pid."""
     prov = getattr(km, "provisioner", None) if km is not None else None
@@ -114,6 +147,7 @@ class SectionKernel:
         self.log = open(log_path, "ab") if self.owner and log_path else None
         self.km = km if km is not None else start(kernel_name, self.cwd, stderr=self.log, extra=SECTION_ARGS)
         self.kc = self.km.client()
+        self.kc.allow_stdin = False  # as nbclient's own clients: input() fails instead of hanging
         self.kc.start_channels()
         self._ready = False
         self._stopper = None
@@ -129,7 +163,7 @@ class SectionKernel:
 
     def _ready_wait(self):
         if not self._ready:
-            self.kc.wait_for_ready(timeout=60)
+            wait_ready(self.kc, self.km)
             self._ready = True
 
     def _silent(self, code: str, wait: bool = True, timeout: float = 60, expressions: dict | None = None):

@@ -86,3 +86,37 @@ def test_check_hosts_in_the_kernel_raises_the_refusal_it_met(tmp_path):
         assert k.check_hosts({"dry_run": False}) == {}
     finally:
         k.stop(wait=True)
+
+
+def test_wait_ready_returns_once_shell_and_iopub_answer_and_fails_fast_on_a_dead_kernel(tmp_path):
+    """The CLI hands papermill a client it made ready itself (no 0.2 s iopub flush): the kernel
+    answers on shell and its iopub reaches the client; a kernel that died is reported at once."""
+    import time
+
+    from jupyter_client import BlockingKernelClient
+    km = kernels.start("python3", tmp_path)
+    kc = BlockingKernelClient()
+    kc.load_connection_info(km.get_connection_info())
+    kc.start_channels()
+    try:
+        kernels.wait_ready(kc, km, timeout=60)
+        msg_id = kc.execute("print('out')")
+        texts = []
+        while True:  # iopub is subscribed: the cell's output arrives
+            m = kc.get_iopub_msg(timeout=10)
+            if m["parent_header"].get("msg_id") == msg_id:
+                if m["msg_type"] == "stream":
+                    texts.append(m["content"]["text"])
+                if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+                    break
+        assert "".join(texts) == "out\n"
+        kernels.kill(km)
+        assert not km.is_alive()
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="died"):
+            kernels.wait_ready(kc, km, timeout=30)
+        assert time.monotonic() - t0 < 5
+    finally:
+        kc.stop_channels()
+        if km.is_alive():
+            kernels.kill(km)
