@@ -1019,7 +1019,7 @@ def detect(ctx) -> Deployment:
 def _daemon(h) -> tuple[str | None, bool]:
     """(config hash, running) of 04-registry's pidfile daemon."""
     from . import registry
-    return registry._daemon_state(h)
+    return registry.daemon_state(h)
 
 
 def gc_argv(dep: Deployment, *, dry_run: bool, delete_untagged: bool, stopped: bool) -> list[str]:
@@ -1162,7 +1162,7 @@ def _stop(ctx, dep: Deployment, h, state: dict):
     else:
         from . import registry
         state[h.name] = _daemon(h)[0]  # 04's config hash, written back on start
-        registry._stop_daemon(h)
+        registry.stop_daemon(h)
 
 
 def _start(ctx, dep: Deployment, h, state: dict):
@@ -1174,7 +1174,7 @@ def _start(ctx, dep: Deployment, h, state: dict):
         h.run(cmd("systemctl start docker-registry"))
     else:
         from . import registry
-        registry._start_daemon(h, dep.config_path, state.get(h.name) or "")
+        registry.start_daemon(h, dep.config_path, state.get(h.name) or "")
 
 
 def wait_ready(ctx, timeout: float = 30.0):

@@ -747,12 +747,14 @@ def _daemon_state(h) -> tuple[str | None, bool]:
     return (lines[0].strip() or None) if lines else None, "running" in r.stdout
 
 
-def _stop_daemon(h):
+def stop_daemon(h):
+    """Stop the registry run without systemd (pidfile), waiting up to 5 s for it to exit."""
     h.run(cmd("pid=$(cat {p}) && kill \"$pid\"; for i in $(seq 50); do kill -0 \"$pid\" 2>/dev/null || break; "
               "sleep 0.1; done; rm -f {p} {h}", p=PIDFILE, h=HASHFILE), check=False)
 
 
-def _start_daemon(h, config: str, digest: str):
+def start_daemon(h, config: str, digest: str):
+    """Start the registry binary without systemd, detached, its pid and config hash recorded."""
     inner = f"echo $$ > {PIDFILE}; exec {SYSTEMD_BIN} serve {config}"
     h.run(cmd("cd / && env -u AWS_CA_BUNDLE setsid -f /bin/sh -c {inner} >> {log} 2>&1 < /dev/null && "
               "echo {d} > {hf}", inner=inner, log=LOGFILE, d=digest, hf=HASHFILE))
@@ -1101,8 +1103,8 @@ def start(ctx):
         if old == digest and running:
             return {"host": h.name, "state": "running, config unchanged (pidfile)"}
         if running:
-            _stop_daemon(h)
-        _start_daemon(h, SYSTEMD_CONFIG, digest)
+            stop_daemon(h)
+        start_daemon(h, SYSTEMD_CONFIG, digest)
         return {"host": h.name, "state": "restarted (config changed)" if running else "started (no systemd: pidfile)"}
 
     for r in journal.parallel(one, hosts):
@@ -1118,7 +1120,7 @@ def _stop_other_daemon(h, units: dict | None = None):
     already read for docker-registry (or None: asked here)."""
     old, running = _daemon_state(h)
     if running:
-        _stop_daemon(h)
+        stop_daemon(h)
     if units is None and h.has_systemd():
         units = h.unit_states("docker-registry")
     if units and units["docker-registry"]["active"]:
