@@ -19,8 +19,8 @@ import time
 import _common as C
 
 PARTS = [
-    ("cli", "CLI process start and imports, until papermill starts deploy.ipynb"),
-    ("deploy_kernel", "deploy.ipynb's kernel: start and ready"),
+    ("cli", "CLI start and imports, and both kernels' boot (started together), until papermill starts deploy.ipynb"),
+    ("deploy_kernel", "deploy.ipynb's kernel: from papermill's start to its first cell"),
     ("deploy_begin", "deploy: validation, host check (SSH logins, sudo), until section 1 starts"),
     ("section_start", "per section: from papermill's start to the first cell (kernel/client start and ready)"),
     ("cells", "per section: cells executing in the kernel (the operations and the Python around them)"),
