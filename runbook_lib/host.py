@@ -457,6 +457,7 @@ def _pooled(login: tuple, make):
         c = _pool.get(login)
         if c is not None and c.is_connected:
             return c
+    _become_known.pop(login, None)  # a new login (the host may have been rebuilt): sudo is asked again
     c = make()  # outside the lock: logins to several hosts go on in parallel
     with _pool_lock:
         _pool[login] = c
