@@ -5,7 +5,8 @@
 both before it imports papermill (bench/profile_deploy.py: that was 1.3 s in a row).  The deploy
 notebook's kernel finds the section kernel the CLI started by $RUNBOOK_SECTION_KERNEL
 ("PID:CONNECTION_FILE") and attaches to it; run on its own (papermill, JupyterLab) it starts one.
-A kernel is shut down by whoever started it, in the background: graceful, off the critical path.
+A kernel is stopped by whoever started it, once idle and in the background: killed and reaped
+(`kill`), since every reply is in by then and a polite shutdown costs 0.2-0.4 s of CPU.
 """
 from __future__ import annotations
 
