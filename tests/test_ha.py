@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -326,20 +328,21 @@ def test_readonly_gc_systemd_runtime_keeps_owner_and_hash(tmp_path_factory):
         assert s.delete(f"{url}/v2/ha/gone/manifests/{gone}", timeout=10).status_code == 202
         s.close()
         before = lab_ssh(R3, "stat -c '%U:%G %a' /etc/docker/registry/config.yml").stdout.strip()
-        seen, stop = [], threading.Event()
-
-        def watch():   # the config's owner/mode while it is read-only
-            while not stop.is_set():
-                r = lab_ssh(R3, "test -e /etc/docker/registry/config.yml.runbook-rw && "
-                            "stat -c '%U:%G %a' /etc/docker/registry/config.yml", check=False)
-                if r.returncode == 0:
-                    seen.append(r.stdout.strip())
-                time.sleep(0.2)
-        t = threading.Thread(target=watch, daemon=True)
-        t.start()
-        rep = ops.garbage_collect(ctx, gc_mode="readonly")
-        stop.set()
-        t.join(10)
+        # the config's owner/mode while it is read-only, sampled every 10 ms on the host itself (the
+        # read-only window is a fraction of a second: a probe over a new SSH login each time misses it)
+        watch = ("echo ready; last=; end=$(( $(date +%s) + 120 )); while [ $(date +%s) -lt $end ]; do "
+                 "if [ -e /etc/docker/registry/config.yml.runbook-rw ]; then "
+                 "s=$(stat -c '%U:%G %a' /etc/docker/registry/config.yml 2>/dev/null) && [ \"$s\" != \"$last\" ] "
+                 "&& echo \"$s\" && last=$s; fi; sleep 0.01; done")
+        watcher = subprocess.Popen(L.ssh_argv(R3, "sudo -n sh -c " + shlex.quote(watch)), stdout=subprocess.PIPE,
+                                   text=True)
+        try:
+            assert watcher.stdout.readline().strip() == "ready"
+            rep = ops.garbage_collect(ctx, gc_mode="readonly")
+            time.sleep(0.1)
+        finally:
+            watcher.terminate()
+        seen = [line.strip() for line in watcher.communicate(timeout=30)[0].splitlines() if line.strip()]
         assert rep.status == "changed" and rep.value["ran"], rep
         assert "systemd unit docker-registry" in str(rep)
         assert seen and set(seen) == {before}, (before, seen)
