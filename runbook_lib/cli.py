@@ -49,7 +49,7 @@ def load_params(files, pairs, dry_run: bool = False) -> dict:
 class _Kernels:
     """The kernels a run executes in, started before papermill is imported (see kernels.py): the
     notebook's own and, for deploy.ipynb, the sections' (prewarmed: imports, SSH logins).  Both are
-    shut down gracefully in the background once papermill is done, and joined before we exit."""
+    killed in the background once papermill is done (they are idle then), and joined before we exit."""
 
     def __init__(self, notebook: pathlib.Path, params: dict, run):
         from . import kernels

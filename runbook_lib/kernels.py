@@ -131,6 +131,11 @@ def attached(spec: str | None = None) -> AttachedKernelManager | None:
     return km
 
 
+def _literal(params: dict) -> str:
+    """Python source that rebuilds the parameters in the kernel (JSON inside a str literal)."""
+    return f"__import__('json').loads({json.dumps(params, default=str)!r})"
+
+
 class SectionKernel:
     """The one kernel every section of a deploy runs in, each section in a fresh namespace.
 
@@ -140,7 +145,6 @@ class SectionKernel:
     modules, SSH logins (host._pool) and the secrets registered for masking stay.  That saves,
     per section, a kernel start (~0.5 s of CPU), a client's ready wait (~0.2 s), the imports and
     a login per host.  The kernel inherits its starter's environment (run folder, mask file)."""
-
 
     def __init__(self, cwd, log_path=None, kernel_name: str = "python3", *, km=None):
         self.cwd = str(cwd)
@@ -171,7 +175,7 @@ class SectionKernel:
         if wait:
             self._ready_wait()
         # else sent at once, even to a kernel still booting: the shell socket queues it, the kernel
-        # runs it first, and wait_for_ready skips its reply
+        # runs it first, and whoever waits next (wait_ready, _silent) skips its reply
         msg_id = self.kc.execute(code, silent=True, store_history=False, allow_stdin=False,
                                  user_expressions=expressions or {})
         if not wait:
@@ -197,14 +201,13 @@ class SectionKernel:
     def prewarm(self, params: dict | None = None) -> None:
         """prewarm_here in the kernel, sent at once (it runs as soon as the kernel is up)."""
         self._silent("import runbook_lib.kernels\nrunbook_lib.kernels.prewarm_here("
-                     + ("None" if params is None else f"__import__('json').loads({json.dumps(params, default=str)!r})")
-                     + ")", wait=False)
+                     f"{'None' if params is None else _literal(params)})", wait=False)
 
     def check_hosts(self, params: dict) -> dict:
         """ctx.check_hosts() run in this kernel, so that the sections reuse its logins; a refusal
         is raised here as the RunbookError the kernel raised (message and hint)."""
         out = self.call("import runbook_lib.context\n_runbook_out = runbook_lib.context.check_hosts_report("
-                        f"__import__('json').loads({json.dumps(params, default=str)!r}))")
+                        f"{_literal(params)})")
         if out.get("error"):
             from . import errors
             cls = getattr(errors, out["error"], None)
@@ -219,8 +222,8 @@ class SectionKernel:
 
     def start_versions(self, params: dict) -> None:
         """records.tool_versions in a thread of this kernel, over its logins (beside section 1)."""
-        self._silent("import runbook_lib.records\nrunbook_lib.records.versions_in_background(__import__('json')"
-                     f".loads({json.dumps(params, default=str)!r}))", wait=False)
+        self._silent("import runbook_lib.records\nrunbook_lib.records.versions_in_background("
+                     f"{_literal(params)})", wait=False)
 
     def versions(self, timeout: float = 10) -> dict | None:
         """What start_versions found; None when the kernel is gone or does not answer."""

@@ -69,6 +69,8 @@ def test_an_attached_kernel_runs_code_and_is_left_to_its_owner(tmp_path):
         guest.stop(wait=True)
         assert owner.km.is_alive()  # a guest's stop leaves the kernel running
         assert owner.call("_runbook_out = 1 + 1") == 2
+        awkward = {"registry_host": ["a", "b"], "q": "it's \"x\"\n\\", "n": 7, "b": False, "none": None}
+        assert owner.call(f"_runbook_out = {kernels._literal(awkward)}") == awkward  # parameters reach it whole
     finally:
         owner.stop(wait=True)
     assert not owner.km.is_alive()
